@@ -1,0 +1,1 @@
+"""Core: registry, hook specs, config, assembly and the optimizer."""

@@ -1,0 +1,107 @@
+"""Base classes shared by all registered components.
+
+A component is a class with a ``name``, a one-line ``description`` and a table of ``options``
+(name -> :class:`Option`) that the config validator checks before anything is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config entry of a component: default, type and allowed values or range.
+
+    ``low``/``high`` bound numbers (inclusive unless ``open_low``/``open_high``); ``choices``
+    lists allowed values; ``check`` is an extra predicate with ``check_msg`` as its error text.
+    """
+
+    default: Any
+    doc: str = ""
+    type: type | tuple[type, ...] | None = None
+    choices: Sequence[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = []
+        if self.type is not None:
+            names = self.type if isinstance(self.type, tuple) else (self.type,)
+            parts.append(" or ".join(t.__name__ for t in names))
+        if self.low is not None or self.high is not None:
+            lo = "(" if self.open_low else "["
+            hi = ")" if self.open_high else "]"
+            parts.append(f"in {lo}{'-inf' if self.low is None else self.low}, "
+                         f"{'inf' if self.high is None else self.high}{hi}")
+        if self.nullable:
+            parts.append("or null")
+        return " ".join(parts) or "any value"
+
+    def validate(self, key: str, value: Any) -> Any:
+        """Return ``value`` (ints widened to float where a float is expected) or raise."""
+        from kfqn.core.errors import ConfigError
+
+        if value is None:
+            if self.nullable:
+                return None
+            raise ConfigError(f"{key} must not be null; allowed: {self.allowed()}")
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ConfigError(f"{key} = {value!r} is not allowed; allowed: {self.allowed()}")
+            return value
+        if self.type is not None:
+            types = self.type if isinstance(self.type, tuple) else (self.type,)
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, bool) and bool not in types:
+                raise ConfigError(f"{key} = {value!r} has the wrong type; allowed: {self.allowed()}")
+            if not isinstance(value, types):
+                raise ConfigError(f"{key} = {value!r} has the wrong type; allowed: {self.allowed()}")
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            raise ConfigError(f"{key} = {value!r} is out of range; allowed: {self.allowed()}")
+        if self.high is not None and (value > self.high or (self.open_high and value == self.high)):
+            raise ConfigError(f"{key} = {value!r} is out of range; allowed: {self.allowed()}")
+        return value
+
+
+class Component:
+    """Base of every registered component class."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[Mapping[str, Option]] = {}
+    #: set to True on a component that deliberately replaces one of the same name
+    override: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named optimizer configuration: a YAML file or an inline mapping."""
+
+    name: str
+    description: str
+    source: Path | Mapping[str, Any]
+    override: bool = False
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A component as the registry holds it."""
+
+    kind: str
+    name: str
+    obj: Any
+    description: str
+    plugin: str
+    extras: dict = field(default_factory=dict)
+
+
+ComponentFactory = Callable[..., Any]

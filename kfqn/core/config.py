@@ -1,0 +1,234 @@
+"""Optimizer configuration: loading presets, merging overrides, validating every key.
+
+A config is a nested mapping. Top-level keys are listed in :data:`TOP_LEVEL`; ``a_side``,
+``g_side`` and ``fallback`` (and their nested ``update`` / ``damping`` / ``inversion``) are
+component sections ``{name: <registered name>, <that component's options>}``, or just the name.
+``preset: NAME`` (alias ``base``) starts from a registered preset and overrides it.
+
+Merging rule: a section whose ``name`` changes is replaced, not merged, so switching a component
+resets its options to the new component's defaults plus whatever is given beside the new name.
+Everything is checked before anything is built: unknown keys, unknown component names and
+out-of-range values raise :class:`~kfqn.core.errors.ConfigError` naming the key and the allowed
+values.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from kfqn.core.components import Option
+from kfqn.core.errors import ConfigError, RegistryError
+from kfqn.core.registry import Registry, close_matches
+from kfqn.core.sections import Sub
+
+TOP_LEVEL: dict[str, Option | Sub] = {
+    "name": Option("custom", "name of this configuration", type=str),
+    "description": Option("", "one line describing it", type=str),
+    "lr": Option(0.1, "learning rate alpha (param-group default)", type=float, low=0.0),
+    "momentum": Option(0.9, "momentum rho (param-group default)", type=float, low=0.0, high=1.0,
+                       open_high=True),
+    "momentum_form": Option("ema", "'ema': Mhat <- rho Mhat + (1-rho) G; 'torch': Mhat <- rho Mhat + G"
+                            " (both start from Mhat = G, like torch.optim.SGD)",
+                            choices=["ema", "torch"]),
+    "weight_decay": Option(0.0, "L2 coefficient tau (param-group default)", type=float, low=0.0),
+    "weight_decay_mode": Option("inside", "'inside': tau*theta added to the gradient before "
+                                "momentum and preconditioning; 'outside': -tau*theta added to P",
+                                choices=["inside", "outside"]),
+    "damping": Option(0.3, "lambda; sqrt(lambda) goes to each factor (param-group default)",
+                      type=float, low=0.0, open_low=True),
+    "conv_damping_split": Option("sqrt", "conv layers: 'sqrt' gives sqrt(lambda) to A and G; "
+                                 "'sqrt_T' gives sqrt(lambda*|T|) to A, sqrt(lambda/|T|) to G",
+                                 choices=["sqrt", "sqrt_T"]),
+    "factor_dtype": Option("float32", "dtype of factors and momentum",
+                           choices=["float32", "float64"]),
+    "unsupported": Option("warn", "weight-bearing modules no adapter can take: train them with "
+                          "the fallback silently, with a warning, or raise",
+                          choices=["fallback", "warn", "error"]),
+    "layers": Option(["linear", "conv2d"], "layer adapters to use", type=list),
+    "a_side": Sub("a_estimator", "ema_hessian_action", "input-side estimator (H_a)"),
+    "g_side": Sub("g_estimator", "secant_pairs", "output-side estimator (H_g)"),
+    "fallback": Sub("fallback", "momentum", "rule for parameters outside preconditioned layers"),
+}
+
+PRESET_KEYS = ("preset", "base")
+
+
+# -- loading ------------------------------------------------------------------------------------
+def to_plain(obj: Any) -> Any:
+    """DictConfig/ListConfig -> plain containers with interpolations resolved."""
+    if isinstance(obj, DictConfig) or OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file (OmegaConf, interpolations resolved)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _preset_mapping(name: str, registry: Registry) -> dict:
+    try:
+        preset = registry.preset(name)
+    except RegistryError:
+        raise ConfigError(
+            f"unknown optimizer preset {name!r}; registered presets: "
+            f"{', '.join(registry.names('preset'))}.{close_matches(name, registry.names('preset'))}"
+            " A YAML path (ending in .yaml) is accepted too."
+        ) from None
+    src = preset.source
+    return load_yaml(src) if isinstance(src, (str, Path)) else to_plain(src)
+
+
+def load_spec(spec: Any, registry: Registry, _seen: tuple[str, ...] = ()) -> dict:
+    """Turn a preset name, YAML path or mapping into one raw mapping, following ``preset:``."""
+    if isinstance(spec, (str, Path)):
+        text = str(spec)
+        if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+            raw = load_yaml(text)
+        else:
+            if text in _seen:
+                raise ConfigError(f"preset cycle: {' -> '.join(_seen + (text,))}")
+            raw = _preset_mapping(text, registry)
+            _seen = _seen + (text,)
+    elif isinstance(spec, Mapping) or OmegaConf.is_config(spec):
+        raw = to_plain(spec)
+    else:
+        raise ConfigError(f"optimizer spec must be a preset name, a YAML path or a mapping, "
+                          f"not {type(spec).__name__}")
+    bases = [k for k in PRESET_KEYS if k in raw]
+    if len(bases) > 1:
+        raise ConfigError("give only one of 'preset' and 'base'")
+    if bases:
+        base_name = raw.pop(bases[0])
+        if not isinstance(base_name, str):
+            raise ConfigError(f"{bases[0]} must be a preset name, not {base_name!r}")
+        raw = merge(load_spec(base_name, registry, _seen), raw)
+    return raw
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
+    """Deep merge; a section whose 'name' changes (or a name given as a string) is replaced."""
+    out = dict(base)
+    for key, val in over.items():
+        old = out.get(key)
+        if isinstance(val, Mapping) and isinstance(old, Mapping):
+            if "name" in val and val["name"] != old.get("name"):
+                out[key] = dict(val)
+            else:
+                out[key] = merge(old, val)
+        elif isinstance(val, str) and isinstance(old, Mapping) and "name" in old:
+            out[key] = dict(old) if val == old["name"] else val
+        else:
+            out[key] = to_plain(val)
+    return out
+
+
+def dotlist_to_mapping(items: Iterable[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'} with YAML typing of values."""
+    items = list(items)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. g_side.damping=ddv2)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=True)  # type: ignore
+    except Exception as exc:
+        raise ConfigError(f"cannot parse overrides {items}: {exc}") from exc
+
+
+# -- validation ---------------------------------------------------------------------------------
+def validate_section(raw: Mapping[str, Any], schema: Mapping[str, Option | Sub], where: str,
+                     registry: Registry, owner: str = "") -> dict:
+    """Check ``raw`` against ``schema``; return it with defaults filled in."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'} must be a mapping, not {raw!r}")
+    out: dict[str, Any] = {}
+    label = f"{where} ({owner})" if owner else (where or "the top level")
+    for key in raw:
+        if key not in schema:
+            allowed = ", ".join(schema) or "(none)"
+            raise ConfigError(
+                f"unknown key {_join(where, key)!r}; allowed keys in {label}: {allowed}."
+                + close_matches(key, schema))
+    for key, spec in schema.items():
+        path = _join(where, key)
+        if isinstance(spec, Sub):
+            out[key] = validate_component(raw.get(key, spec.default), spec.kind, path, registry)
+        else:
+            out[key] = spec.validate(path, raw.get(key, spec.default))
+    return out
+
+
+def validate_component(raw: Any, kind: str, where: str, registry: Registry) -> dict:
+    """Validate a component section (name or mapping) of registry ``kind``."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or "name" not in raw:
+        raise ConfigError(f"{where} must be a {kind} name or a mapping with 'name'; got {raw!r}")
+    name = raw["name"]
+    names = registry.names(kind)
+    if name not in names:
+        raise ConfigError(f"{where}.name = {name!r} is not a registered {kind}; allowed: "
+                          f"{', '.join(names)}.{close_matches(str(name), names)}")
+    cls = registry.get(kind, name)
+    opts = {k: v for k, v in raw.items() if k != "name"}
+    out = {"name": name, **validate_section(opts, getattr(cls, "options", {}), where, registry, name)}
+    check = getattr(cls, "check_options", None)
+    if check is not None:
+        check(out, _Builderish(registry), where)
+    return out
+
+
+class _Builderish:
+    """The little a component's ``check_options`` may need: the registry."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def validate(raw: Mapping[str, Any], registry: Registry) -> dict:
+    """Validate a whole optimizer config; return the resolved config (all defaults filled)."""
+    cfg = validate_section(raw, TOP_LEVEL, "", registry)
+    adapters = registry.names("layer_adapter")
+    if not all(isinstance(x, str) for x in cfg["layers"]):
+        raise ConfigError(f"layers must be a list of adapter names; allowed: {', '.join(adapters)}")
+    for item in cfg["layers"]:
+        if item not in adapters:
+            raise ConfigError(f"layers: {item!r} is not a registered layer_adapter; allowed: "
+                              f"{', '.join(adapters)}.{close_matches(item, adapters)}")
+    if not math.isfinite(cfg["lr"]):
+        raise ConfigError("lr must be finite")
+    return cfg
+
+
+def resolve_config(spec: Any, registry: Registry, overrides: Mapping[str, Any] | None = None,
+                   dotlist: Iterable[str] | None = None) -> dict:
+    """Preset/YAML/mapping + keyword overrides + dotlist overrides -> validated config."""
+    raw = load_spec(spec, registry)
+    if overrides:
+        over = to_plain(dict(overrides))
+        if any(k in over for k in PRESET_KEYS):
+            raw = merge(load_spec({k: over.pop(k) for k in PRESET_KEYS if k in over}, registry), raw)
+        raw = merge(raw, over)
+    if dotlist:
+        raw = merge(raw, dotlist_to_mapping(dotlist))
+    return validate(raw, registry)

@@ -1,0 +1,61 @@
+"""Hook specifications: the extension contract of kfqn.
+
+Every component kind is contributed through one hook. A plugin is any object (module, class
+instance) with functions decorated by :data:`hookimpl` whose names match the specs below; each
+returns a list of component classes (or :class:`~kfqn.core.components.Preset` records for
+presets). The built-in components in :mod:`kfqn.plugins` use exactly these hooks.
+
+Third-party plugins are discovered through the entry-point group ``kfqn`` or registered at run
+time with :func:`kfqn.register_plugin`.
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "kfqn"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class KfqnHookSpecs:
+    """Component hooks. Each returns a list of components of one kind."""
+
+    @hookspec
+    def kfqn_layer_adapters(self) -> list:
+        """Layer adapters: map a module type to Kronecker-factor quantities (SPEC §1-2)."""
+
+    @hookspec
+    def kfqn_a_estimators(self) -> list:
+        """Input-side (A / H_a) curvature estimators (SPEC §3)."""
+
+    @hookspec
+    def kfqn_g_estimators(self) -> list:
+        """Output-side (G / H_g) curvature estimators (SPEC §3)."""
+
+    @hookspec
+    def kfqn_factor_updates(self) -> list:
+        """Inverse-factor update rules: BFGS, L-BFGS, ... (SPEC §3)."""
+
+    @hookspec
+    def kfqn_dampings(self) -> list:
+        """Damping rules applied to secant pairs: Powell, DD, DDV2, ... (SPEC §3)."""
+
+    @hookspec
+    def kfqn_inversions(self) -> list:
+        """Inversion strategies for symmetric positive definite factors."""
+
+    @hookspec
+    def kfqn_fallbacks(self) -> list:
+        """First-order rules for parameters outside preconditioned layers."""
+
+    @hookspec
+    def kfqn_presets(self) -> list:
+        """Named optimizer configurations (SPEC §4): list of ``Preset`` records."""
+
+    @hookspec
+    def kfqn_datasets(self) -> list:
+        """Data sets for the experiment runner."""
+
+    @hookspec
+    def kfqn_models(self) -> list:
+        """Model builders for the experiment runner."""

@@ -1,0 +1,526 @@
+"""The kfqn optimizer: per-layer Kronecker-factored quasi-Newton steps (SPEC §3-4).
+
+For every preconditioned layer l (a module an adapter takes):
+
+    G_l  = Mbar_l + tau Wbar_l                     (weight decay "inside")
+    Mhat <- rho Mhat + (1 - rho) G_l               (or torch form; starts at G_l)
+    P_l  = -H_g Mhat H_a                            (G side, then A side)
+    theta_l <- theta_l + alpha P_l
+
+Other parameters take the fallback rule. Curvature estimators update H_a and H_g around the step
+(see :mod:`kfqn.curvature.base`). A non-finite loss or gradient turns the whole step into a
+no-op on the device (counted); a non-finite direction of one layer is rejected for that layer.
+No ``.item()`` or other host synchronisation happens inside :meth:`step`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from kfqn.core.assembly import ComponentBuilder
+from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
+from kfqn.core.momentum import momentum_update
+from kfqn.core.registry import Registry, default_registry
+from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
+from kfqn.layers.base import LayerAdapter
+from kfqn.layers.capture import Capture, CaptureHooks
+
+STATE_FORMAT = "kfqn-optimizer/1"
+#: modules whose parameters are meant for a first-order rule: never reported as unsupported
+FIRST_ORDER_MODULES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.EmbeddingBag,
+    nn.PReLU,
+)
+#: config keys that may differ between a checkpoint and the optimizer loading it
+HYPER_KEYS = ("name", "description", "lr", "momentum", "weight_decay", "damping")
+
+
+@dataclass
+class Layer:
+    """One preconditioned module and its state."""
+
+    name: str
+    module: nn.Module
+    adapter: LayerAdapter
+    hooks: CaptureHooks
+    a: AEstimator
+    g: GEstimator
+    group: int
+    momentum: Tensor
+    started: Tensor
+    dir_rejected: Tensor
+    positions: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+class KFQNOptimizer(torch.optim.Optimizer):
+    """A Kronecker-factored quasi-Newton optimizer assembled from registered components.
+
+    Build it with :func:`kfqn.build_optimizer`. ``step(closure)``: the closure zeroes the
+    gradients, runs forward and backward on one minibatch and returns the (mean-reduced,
+    unregularised) loss, like ``torch.optim.LBFGS``; presets with ``g_side.source=extra_pass``
+    call it a second time at the trial point.
+    """
+
+    def __init__(self, model: nn.Module, config: dict, registry: Registry | None = None,
+                 param_groups: Iterable[dict] | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.registry = registry or default_registry()
+        self.builder = ComponentBuilder(self.registry)
+        defaults = {k: config[k] for k in ("lr", "momentum", "weight_decay", "damping")}
+        if param_groups is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise ConfigError("the model has no trainable parameters (requires_grad=True)")
+            groups: list[dict] = [{"params": params}]
+        else:
+            groups = [dict(g) for g in param_groups]
+        super().__init__(groups, defaults)
+        self.factor_dtype = _dtype(config["factor_dtype"])
+        self._step_count = 0
+        self._warm_started = False
+        self._warned_no_warm = False
+        self.last_phase_times: dict[str, float] = {}
+        self.unsupported: dict[str, str] = {}
+        self.layers: dict[str, Layer] = {}
+        self._build_layers()
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self._device())
+        self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
+
+    # -- construction ------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.param_groups[0]["params"][0].device
+
+    def _build_layers(self) -> None:
+        group_of: dict[int, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                group_of[id(p)] = gi
+        model_params = {id(p) for p in self.model.parameters()}
+        for p in group_of:
+            if p not in model_params:
+                raise ConfigError("a parameter in param_groups does not belong to the model")
+        adapters = [self.registry.get("layer_adapter", n) for n in self.config["layers"]]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        owners: dict[int, int] = {}
+        for _, module in self.model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners[id(p)] = owners.get(id(p), 0) + 1
+        claimed: set[int] = set()
+        for mname, module in self.model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in group_of]
+            if not own:
+                continue
+            adapter_cls = next((a for a in adapters if a.matches(module)), None)
+            reason = None
+            if adapter_cls is None:
+                if isinstance(module, FIRST_ORDER_MODULES):
+                    continue
+                reason = f"no layer adapter for {type(module).__name__} (layers: {self.config['layers']})"
+            else:
+                reason = adapter_cls.unsupported_reason(module)
+                adapter = adapter_cls(module)
+                if reason is None:
+                    ps = adapter.params()
+                    if any(id(p) not in group_of for p in ps):
+                        reason = "only some of its parameters are trainable / in param_groups"
+                    elif len({group_of[id(p)] for p in ps}) != 1:
+                        reason = "its weight and bias are in different param groups"
+                    elif any(owners[id(p)] > 1 for p in ps):
+                        reason = "its parameters are shared with another module"
+            if reason is not None:
+                self._unsupported(mname or type(module).__name__, module, reason)
+                continue
+            self._add_layer(mname, module, adapter, group_of[id(module.weight)])
+            claimed.update(id(p) for p in adapter.params())
+        entries = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) not in claimed:
+                    entries.append((names[id(p)], p, group))
+        fb = self.config["fallback"]
+        self.fallback = self.registry.get("fallback", fb["name"])(
+            entries, self.config, self.builder.options(fb))
+        self.fallback_params = [n for n, _, _ in entries]
+
+    def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
+        policy = self.config["unsupported"]
+        msg = (f"module {name!r} ({type(module).__name__}) is not preconditioned: {reason}. "
+               "Its parameters use the first-order fallback.")
+        if policy == "error":
+            raise UnsupportedModuleError(
+                msg.replace("Its parameters use the first-order fallback.",
+                            "Set unsupported=fallback (or warn) to train it with the first-order "
+                            "fallback, or change the model."))
+        if policy == "warn":
+            warnings.warn(msg, stacklevel=4)
+        self.unsupported[name] = reason
+
+    def _add_layer(self, name: str, module: nn.Module, adapter: LayerAdapter, group: int) -> None:
+        dev = module.weight.device
+        ctx = LayerContext(name, adapter, self.factor_dtype, dev, self.builder)
+        a = self.builder.estimator("a_estimator", self.config["a_side"], ctx)
+        g = self.builder.estimator("g_estimator", self.config["g_side"], ctx)
+        hooks = CaptureHooks(module, adapter, keep_grad_output=bool(getattr(g, "needs_grad_output", False)))
+        zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=dev)
+        flag = torch.zeros((), dtype=torch.bool, device=dev)
+        count = torch.zeros((), dtype=torch.long, device=dev)
+        self.layers[name] = Layer(name, module, adapter, hooks, a, g, group, zeros, flag, count)
+
+    def add_param_group(self, param_group: dict) -> None:  # noqa: D102
+        if hasattr(self, "layers"):
+            raise KfqnError("kfqn optimizers are bound to their model's layers; build a new "
+                            "optimizer (build_optimizer(..., param_groups=[...])) instead of "
+                            "add_param_group")
+        super().add_param_group(param_group)
+
+    def remove_hooks(self) -> None:
+        """Detach all capture hooks from the model."""
+        for layer in self.layers.values():
+            layer.hooks.remove()
+
+    # -- reporting -----------------------------------------------------------------------------
+    @property
+    def preconditioned_modules(self) -> list[str]:
+        """Names of the modules this optimizer preconditions."""
+        return list(self.layers)
+
+    def describe(self) -> str:
+        """A few lines: preset, preconditioned modules, fallback parameters, unsupported ones."""
+        lines = [f"kfqn optimizer {self.config['name']!r}: {len(self.layers)} preconditioned "
+                 f"module(s), {len(self.fallback_params)} fallback parameter(s)"]
+        for name, layer in self.layers.items():
+            lines.append(f"  {name}: {type(layer.module).__name__} d_a={layer.adapter.d_a} "
+                         f"d_g={layer.adapter.d_g}")
+        if self.fallback_params:
+            lines.append(f"  fallback ({self.config['fallback']['name']}): "
+                         + ", ".join(self.fallback_params))
+        for name, reason in self.unsupported.items():
+            lines.append(f"  not preconditioned: {name}: {reason}")
+        return "\n".join(lines)
+
+    @property
+    def needs_warm_start(self) -> bool:
+        """Whether :meth:`warm_start` should be run before training."""
+        return not self._warm_started and any(l.a.needs_warm_start for l in self.layers.values())
+
+    def _lambdas(self, layer: Layer) -> tuple[float, float]:
+        """(lambda_A, mu2) for a layer: sqrt(lambda) each, or the |T| split for conv layers."""
+        lam = float(self.param_groups[layer.group]["damping"])
+        t = layer.positions
+        if t > 1 and self.config["conv_damping_split"] == "sqrt_T":
+            return math.sqrt(lam * t), math.sqrt(lam / t)
+        return math.sqrt(lam), math.sqrt(lam)
+
+    # -- warm start ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def warm_start(self) -> Iterator["KFQNOptimizer"]:
+        """Forward-only pass that initialises A factors (SPEC §3)::
+
+            with opt.warm_start():
+                for x, _ in loader:
+                    model(x)
+
+        Runs under ``torch.no_grad``; BatchNorm running statistics are restored afterwards.
+        """
+        targets = [l for l in self.layers.values() if l.a.needs_warm_start]
+        bn = self._save_running_stats()
+        for layer in self.layers.values():
+            layer.hooks.phase = "warm" if layer in targets else None
+            if layer in targets:
+                def cb(inp: Tensor, layer: Layer = layer) -> None:
+                    layer.positions = layer.adapter.positions(inp)
+                    layer.a.warm_accumulate(inp)
+                layer.hooks.on_warm = cb
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            for layer in self.layers.values():
+                layer.hooks.phase = "current"
+                layer.hooks.on_warm = None
+            self._restore_running_stats(bn)
+        for layer in targets:
+            layer.a.warm_finish(self._lambdas(layer)[0])
+        self._warm_started = True
+
+    # -- model state around the trial pass -----------------------------------------------------
+    def _save_running_stats(self) -> list[tuple[Tensor, Tensor]]:
+        saved = []
+        for module in self.model.modules():
+            if getattr(module, "track_running_stats", False):
+                for buf in module.buffers(recurse=False):
+                    saved.append((buf, buf.clone()))
+        return saved
+
+    @staticmethod
+    def _restore_running_stats(saved: list[tuple[Tensor, Tensor]]) -> None:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _trial_pass(self, closure: Callable[[], Any], rng_before: Any, rng_after: Any) -> None:
+        """Closure at theta+ on the same minibatch; leaves grads, BN statistics and RNG as found."""
+        params = self._all_params()
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        bn = self._save_running_stats()
+        _set_rng_state(rng_before)
+        for layer in self.layers.values():
+            layer.hooks.reset("trial")
+            layer.hooks.phase = "trial"
+        try:
+            with torch.enable_grad():
+                closure()
+        finally:
+            for layer in self.layers.values():
+                layer.hooks.phase = "current"
+            for p, g in zip(params, grads):
+                p.grad = g
+            self._restore_running_stats(bn)
+            _set_rng_state(rng_after)
+
+    # -- the step --------------------------------------------------------------------------------
+    def _finite_flag(self, loss: Tensor | None) -> Tensor:
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        dev = self._device()
+        checks = [torch.isfinite(g).all() for g in grads]
+        if loss is not None:
+            checks.append(torch.isfinite(torch.as_tensor(loss, device=dev)).all())
+        if not checks:
+            return torch.ones((), dtype=torch.bool, device=dev)
+        return torch.stack(checks).all()
+
+    def _active_layers(self) -> list[tuple[Layer, Capture]]:
+        active = []
+        for layer in self.layers.values():
+            cap = layer.hooks.slots["current"]
+            if cap.calls > 1:
+                raise KfqnError(
+                    f"module {layer.name!r} ran {cap.calls} forward passes since the last step; "
+                    "kfqn needs exactly one forward and backward per step (weight sharing, "
+                    "repeated calls and gradient accumulation are not supported)")
+            if cap.complete and layer.module.weight.grad is not None:
+                layer.positions = cap.positions
+                active.append((layer, cap))
+        return active
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: C901
+        """One optimisation step. See the class docstring for the closure contract."""
+        if closure is None and self._needs_trial:
+            raise KfqnError(
+                f"preset {self.config['name']!r} uses g_side.source=extra_pass, which re-evaluates "
+                "the minibatch at the trial point: call step(closure) with a closure that zeroes "
+                "grads, runs forward and backward and returns the loss, or set "
+                "g_side.source=next_iterate")
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        loss = None
+        rng_before = rng_after = None
+        if closure is not None:
+            for layer in self.layers.values():
+                layer.hooks.reset("current")
+            rng_before = _rng_state()
+            with torch.enable_grad():
+                loss = closure()
+            rng_after = _rng_state()
+        t1 = time.perf_counter()
+        times["forward_backward"] = t1 - t0
+        active = self._active_layers()
+        if active and self.needs_warm_start and not self._warned_no_warm:
+            warnings.warn(
+                f"{self.config['name']}: A factors start from the first batch because "
+                "opt.warm_start() was not run before training (SPEC §3 warm start); set "
+                "a_side.warm_start=false to make this the intended behaviour", stacklevel=2)
+            self._warned_no_warm = True
+        with torch.no_grad():
+            ok = self._finite_flag(loss)
+            self.nonfinite_steps = self.nonfinite_steps + (~ok).long()
+            infos: dict[str, StepInfo] = {}
+            for layer, cap in active:
+                lam_a, mu2 = self._lambdas(layer)
+                info = StepInfo(ok, self._step_count, lam_a, mu2)
+                infos[layer.name] = info
+                layer.g.prepare(cap, info)
+                layer.a.prepare(cap, info)
+            t2 = time.perf_counter()
+            times["factor_updates"] = t2 - t1
+            self._precondition_and_move(active, ok)
+            t3 = time.perf_counter()
+            times["precondition"] = t3 - t2
+            self.fallback.step(ok)
+            t4 = time.perf_counter()
+            times["fallback"] = t4 - t3
+            for layer, cap in active:
+                layer.a.after_step(cap, infos[layer.name])
+            t5 = time.perf_counter()
+            times["factor_updates"] += t5 - t4
+        if self._needs_trial and active and closure is not None:
+            self._trial_pass(closure, rng_before, rng_after)
+            t6 = time.perf_counter()
+            times["extra_pass"] = t6 - t5
+            t5 = t6
+            with torch.no_grad():
+                for layer, cap in active:
+                    trial = layer.hooks.slots["trial"]
+                    if trial.complete:
+                        layer.g.after_trial(cap, trial, infos[layer.name])
+        with torch.no_grad():
+            for layer, cap in active:
+                layer.g.after_step(cap, infos[layer.name])
+        for layer in self.layers.values():  # drop references to activations
+            layer.hooks.reset("current")
+            layer.hooks.reset("trial")
+        times["factor_updates"] += time.perf_counter() - t5
+        times["total"] = time.perf_counter() - t0
+        self.last_phase_times = times
+        self._step_count += 1
+        return loss
+
+    def _precondition_and_move(self, active: list[tuple[Layer, Capture]], ok: Tensor) -> None:
+        form = self.config["momentum_form"]
+        inside = self.config["weight_decay_mode"] == "inside"
+        dt = self.factor_dtype
+        for layer, _ in active:
+            group = self.param_groups[layer.group]
+            wd = float(group["weight_decay"])
+            grad = layer.adapter.homogeneous_grad().to(dt)
+            wbar = layer.adapter.homogeneous_weight().to(dt) if wd else None
+            if wbar is not None and inside:
+                grad = grad + wd * wbar
+            layer.momentum = momentum_update(layer.momentum, grad, layer.started,
+                                             float(group["momentum"]), form, ok)
+            layer.started = layer.started | ok
+            direction = -layer.g.apply(layer.a.apply(layer.momentum))
+            if wbar is not None and not inside:
+                direction = direction - wd * wbar
+            good = ok & torch.isfinite(direction).all()
+            layer.dir_rejected = layer.dir_rejected + (ok & ~good).long()
+            direction = torch.where(good, direction, torch.zeros_like(direction))
+            lr = float(group["lr"])
+            for p, d in zip(layer.adapter.params(), layer.adapter.split(direction)):
+                p.add_(d.to(p.dtype), alpha=lr)
+
+    # -- analysis ------------------------------------------------------------------------------
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per-layer figures of the last step (host values; call outside the step).
+
+        Keys per layer: ``sy``/``sy_raw`` (damped/undamped s^T y of the G pair), damping
+        activations, ``g_rejected``/``a_rejected`` (cumulative rejected factor updates),
+        ``dir_rejected`` (cumulative rejected directions), ``H_a_norm``/``H_g_norm`` (Frobenius).
+        Key ``_global``: ``step`` and ``nonfinite_steps``.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for name, layer in self.layers.items():
+            row = {k: float(v) for k, v in {**layer.a.stats(), **layer.g.stats()}.items()}
+            row["dir_rejected"] = float(layer.dir_rejected)
+            for key, mat in self._factor_dict(layer).items():
+                if key.startswith("H_"):
+                    row[f"{key}_norm"] = float(torch.linalg.matrix_norm(mat))
+            out[name] = row
+        out["_global"] = {"step": float(self._step_count),
+                          "nonfinite_steps": float(self.nonfinite_steps)}
+        return out
+
+    @staticmethod
+    def _factor_dict(layer: Layer) -> dict[str, Tensor]:
+        return {**layer.a.factors(), **layer.g.factors()}
+
+    def factors(self) -> dict[str, dict[str, Tensor]]:
+        """Per-layer dense factors: H_a, H_g, and A (and G) where the method keeps them."""
+        return {name: self._factor_dict(layer) for name, layer in self.layers.items()}
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state: factors, pair buffers, momentum of every parameter."""
+        total = 0
+        for layer in self.layers.values():
+            total += layer.a.state_bytes() + layer.g.state_bytes()
+            total += layer.momentum.numel() * layer.momentum.element_size()
+        for t in self.fallback.state_dict().get("buf", {}).values():
+            total += t.numel() * t.element_size()
+        return total
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint keyed by module and parameter names (portable to a fresh model)."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        groups = []
+        for g in self.param_groups:
+            entry = {k: v for k, v in g.items() if k != "params"}
+            entry["param_names"] = [names[id(p)] for p in g["params"]]
+            groups.append(entry)
+        layers = {}
+        for name, layer in self.layers.items():
+            layers[name] = {"a": layer.a.state_dict(), "g": layer.g.state_dict(),
+                            "momentum": layer.momentum, "started": layer.started,
+                            "dir_rejected": layer.dir_rejected}
+        return {"format": STATE_FORMAT, "config": self.config, "step": self._step_count,
+                "warm_started": self._warm_started, "param_groups": groups, "layers": layers,
+                "fallback": self.fallback.state_dict(), "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict`; mismatches raise a clear error."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+            raise KfqnError(f"not a kfqn optimizer checkpoint (expected format {STATE_FORMAT!r})")
+        theirs, ours = state_dict["config"], self.config
+        diff = sorted(k for k in set(theirs) | set(ours)
+                      if k not in HYPER_KEYS and theirs.get(k) != ours.get(k))
+        if diff:
+            raise KfqnError(f"checkpoint was written by a differently configured optimizer; keys "
+                            f"that differ: {', '.join(diff)}. Build the optimizer with the "
+                            "checkpoint's config (state_dict()['config']).")
+        missing = sorted(set(self.layers) - set(state_dict["layers"]))
+        extra = sorted(set(state_dict["layers"]) - set(self.layers))
+        if missing or extra:
+            raise KfqnError(f"checkpoint layers do not match this model: missing {missing}, "
+                            f"unexpected {extra}")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise KfqnError("checkpoint has a different number of param groups")
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            if [names[id(p)] for p in g["params"]] != saved["param_names"]:
+                raise KfqnError("checkpoint param groups hold different parameters")
+            for k, v in saved.items():
+                if k != "param_names":
+                    g[k] = v
+        for name, layer in self.layers.items():
+            s = state_dict["layers"][name]
+            layer.a.load_state_dict(s["a"])
+            layer.g.load_state_dict(s["g"])
+            layer.momentum = s["momentum"].to(layer.momentum).clone()
+            layer.started = s["started"].to(layer.started.device).clone()
+            layer.dir_rejected = s["dir_rejected"].to(layer.dir_rejected.device).clone()
+        try:
+            self.fallback.load_state_dict(state_dict["fallback"])
+        except KeyError as exc:
+            raise KfqnError(f"checkpoint lacks fallback state for parameter {exc}") from None
+        self._step_count = int(state_dict["step"])
+        self._warm_started = bool(state_dict["warm_started"])
+        self.nonfinite_steps = state_dict["nonfinite_steps"].to(self._device()).clone()

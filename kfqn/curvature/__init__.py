@@ -1,0 +1,8 @@
+"""Curvature estimators: how each side's inverse factor (H_a, H_g) is fed (SPEC §3)."""
+from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
+from kfqn.curvature.ema_hessian_action import EMAHessianActionA
+from kfqn.curvature.minibatch_hessian_action import MinibatchHessianActionA
+from kfqn.curvature.secant_pairs import SecantPairsG
+
+__all__ = ["AEstimator", "GEstimator", "LayerContext", "StepInfo", "EMAHessianActionA",
+           "MinibatchHessianActionA", "SecantPairsG"]

@@ -1,0 +1,125 @@
+"""Contracts for the A-side and G-side curvature estimators of one layer.
+
+The optimizer calls, per layer and step, in this order (SPEC §3-4):
+
+1. ``prepare(cap, info)`` on both sides, before the direction is formed (initialisation at
+   iteration 0; for ``next_iterate`` pairs, the pair ending at this iterate);
+2. ``apply`` to form P = -H_g Mhat H_a (G side: ``apply(M) = H_g M``; A side:
+   ``apply(M) = M H_a``);
+3. after the parameters moved: ``after_step(cap, info)`` on the A side;
+4. with a trial pass: ``after_trial(cap, trial, info)`` on the G side; then ``after_step``.
+
+``info.ok`` is a device bool: false when the loss or a gradient was non-finite, in which case
+every state change must be a no-op (selected with ``torch.where``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Component
+from kfqn.layers.base import LayerAdapter
+from kfqn.layers.capture import Capture
+
+
+@dataclass
+class LayerContext:
+    """What an estimator knows about its layer and how to build its sub-components."""
+
+    name: str
+    adapter: LayerAdapter
+    dtype: torch.dtype
+    device: torch.device
+    builder: Any  # kfqn.core.assembly.ComponentBuilder
+
+    def factor(self, section: Mapping[str, Any], dim: int):
+        return self.builder.factor(section, dim, self.dtype, self.device)
+
+    def damping(self, section: Mapping[str, Any]):
+        return self.builder.component("damping", section)
+
+    def inversion(self, section: Mapping[str, Any]):
+        return self.builder.component("inversion", section)
+
+
+@dataclass
+class StepInfo:
+    """Per-step scalars for one layer (python floats: no device sync)."""
+
+    ok: Tensor
+    step: int
+    lam_a: float  # damping added to A (SPEC §2-3: sqrt(lambda), conv split by option)
+    mu2: float    # second damping constant of the G pair
+    extra: dict = field(default_factory=dict)
+
+
+class _Estimator(Component):
+    #: the config section keys that name sub-components, and their kinds
+    subcomponents: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.opts = dict(options)
+        self._stats: dict[str, Tensor] = {}
+
+    def prepare(self, cap: Capture, info: StepInfo) -> None:
+        """Before the direction: initialise, or absorb a pair that ends at this iterate."""
+
+    def after_step(self, cap: Capture, info: StepInfo) -> None:
+        """After the parameters moved."""
+
+    def apply(self, m: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Tensor]:
+        """Scalars of the last step, as device tensors."""
+        return dict(self._stats)
+
+    def factors(self) -> dict[str, Tensor]:
+        """Dense factors for analysis (e.g. {'H_a': ..., 'A': ...})."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state by this estimator."""
+        total = 0
+
+        def visit(obj: Any) -> None:
+            nonlocal total
+            if isinstance(obj, Tensor):
+                total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                for v in obj.values():
+                    visit(v)
+
+        visit(self.state_dict())
+        return total
+
+
+class AEstimator(_Estimator):
+    """Input-side estimator: owns H_a (d_a x d_a); ``apply(M) = M H_a``."""
+
+    needs_warm_start: bool = False
+
+    def warm_accumulate(self, inp: Tensor) -> None:
+        """Forward-only warm start: absorb one batch of inputs."""
+
+    def warm_finish(self, lam_a: float) -> None:
+        """End of the warm-start pass."""
+
+
+class GEstimator(_Estimator):
+    """Output-side estimator: owns H_g (d_g x d_g); ``apply(M) = H_g M``."""
+
+    needs_trial_pass: bool = False
+
+    def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
+        """After the extra forward/backward at the trial point."""

@@ -1,0 +1,108 @@
+"""A side of K-BFGS [P2]: EMA of A and Hessian-action BFGS for H_a (SPEC §3).
+
+A <- beta A + (1 - beta) (1/m) sum_i abar abar^T (beta = 0.9), warm-started by a forward-only
+pass over the training data (or, without it, set from the first batch); the EMA update is
+skipped at iteration 0. A_LM = A + lambda_A I with lambda_A = sqrt(lambda). At iteration 0,
+H_a = A_LM^{-1}. After every step: v = mean_i abar, s_a = H_a v, y_a = A_LM s_a,
+H_a <- update(H_a, s_a, y_a); s_a^T y_a >= lambda_A ||s_a||^2 so no damping is needed.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Option
+from kfqn.core.sections import Sub
+from kfqn.curvature.base import AEstimator, LayerContext, StepInfo
+from kfqn.layers.capture import Capture
+
+
+class EMAHessianActionA(AEstimator):
+    name = "ema_hessian_action"
+    description = "K-BFGS A side [P2]: EMA of A, Hessian-action BFGS for H_a"
+    options = {
+        "beta": Option(0.9, "EMA decay of A", type=float, low=0.0, high=1.0, open_high=True),
+        "warm_start": Option(True, "initialise A by a forward-only pass over the data "
+                             "(opt.warm_start()); otherwise from the first batch", type=bool),
+        "update": Sub("factor_update", "bfgs", "update rule for H_a"),
+        "damping": Sub("damping", "none", "damping of the (s_a, y_a) pair"),
+        "inversion": Sub("inversion", "cholesky", "inverse of A_LM at iteration 0"),
+    }
+    subcomponents = {"update": "factor_update", "damping": "damping", "inversion": "inversion"}
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
+        super().__init__(ctx, options)
+        d = ctx.adapter.d_a
+        self.factor = ctx.factor(self.opts["update"], d)
+        self.damping = ctx.damping(self.opts["damping"])
+        self.inversion = ctx.inversion(self.opts["inversion"])
+        self.needs_warm_start = bool(self.opts["warm_start"])
+        self.a: Tensor | None = None
+        self.ema_updates = 0
+        self._warm_sum: Tensor | None = None
+        self._warm_count = 0
+        self._eye = torch.eye(d, dtype=ctx.dtype, device=ctx.device)
+
+    def _cov(self, inp: Tensor) -> Tensor:
+        return self.ctx.adapter.input_covariance(inp).to(self.ctx.dtype)
+
+    def _start(self, a: Tensor, lam_a: float) -> None:
+        self.a = a
+        res = self.inversion.invert(a, lam_a)
+        self.factor.reset(res.inverse if self.factor.accepts_dense_init else None)
+        self._stats["a_inversion_fallback"] = res.fallback
+
+    # -- warm start ---------------------------------------------------------------------------
+    def warm_accumulate(self, inp: Tensor) -> None:
+        m = inp.shape[0]
+        cov = self._cov(inp) * m
+        self._warm_sum = cov if self._warm_sum is None else self._warm_sum + cov
+        self._warm_count += m
+
+    def warm_finish(self, lam_a: float) -> None:
+        if self._warm_sum is None:
+            return
+        self._start(self._warm_sum / self._warm_count, lam_a)
+        self._warm_sum, self._warm_count = None, 0
+
+    # -- per step --------------------------------------------------------------------------
+    def prepare(self, cap: Capture, info: StepInfo) -> None:
+        if self.a is None:
+            a = self._cov(cap.inp)
+            good = info.ok & torch.isfinite(a).all()
+            self._start(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
+
+    def apply(self, m: Tensor) -> Tensor:
+        return self.factor.apply(m.T).T
+
+    def after_step(self, cap: Capture, info: StepInfo) -> None:
+        ok = info.ok
+        if self.ema_updates > 0:  # iteration 0 uses the warm-start (or first-batch) A as it is
+            beta = self.opts["beta"]
+            self.a = torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(cap.inp), self.a)
+        self.ema_updates += 1
+        a_lm = self.a + info.lam_a * self._eye
+        v = self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype)
+        s = self.factor.apply(v)
+        y = a_lm @ s
+        damped = self.damping(s, y, self.factor.apply, info.lam_a)
+        accepted = self.factor.update(damped.s, damped.y, ok)
+        self._stats["a_sy"] = torch.dot(damped.s, damped.y)
+        self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (ok & ~accepted).long()
+
+    def factors(self) -> dict[str, Tensor]:
+        out = {"H_a": self.factor.dense()}
+        if self.a is not None:
+            out["A"] = self.a.clone()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"A": self.a, "ema_updates": self.ema_updates, "factor": self.factor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        a = state["A"]
+        self.a = None if a is None else a.to(self.ctx.device, self.ctx.dtype).clone()
+        self.ema_updates = int(state["ema_updates"])
+        self.factor.load_state_dict(state["factor"])

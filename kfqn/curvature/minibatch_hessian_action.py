@@ -1,0 +1,86 @@
+"""A side of KF-BFGS-CNN [P1]: minibatch Hessian-action BFGS, A never stored (SPEC §3).
+
+After every step: v = mean over batch and positions of abar, s_a = H_a v,
+y_a = (1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s_a) + lambda_A s_a (two convolutions or
+mat-vecs, O(m |T| d_a)), damped (Powell by default, (R)), then H_a <- update(H_a, s_a, y_a).
+H_a starts from the first batch's (A + lambda_A I)^{-1} (default) or the identity (R).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Option
+from kfqn.core.errors import ConfigError
+from kfqn.core.sections import Sub
+from kfqn.curvature.base import AEstimator, LayerContext, StepInfo
+from kfqn.layers.capture import Capture
+
+
+class MinibatchHessianActionA(AEstimator):
+    name = "minibatch_hessian_action"
+    description = "KF-BFGS-CNN A side [P1]: minibatch Hessian action, A never stored"
+    options = {
+        "init": Option("batch_inverse", "H_a at iteration 0: first batch's (A + lambda_A I)^-1 "
+                       "or the identity", choices=["batch_inverse", "identity"]),
+        "update": Sub("factor_update", "bfgs", "update rule for H_a (bfgs, or lbfgs to save memory)"),
+        "damping": Sub("damping", "powell", "damping of the (s_a, y_a) pair ('none' = undamped)"),
+        "inversion": Sub("inversion", "cholesky", "inverse for init=batch_inverse"),
+    }
+    subcomponents = {"update": "factor_update", "damping": "damping", "inversion": "inversion"}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], builder: Any, where: str) -> None:
+        upd = builder.registry.get("factor_update", options["update"]["name"])
+        if options["init"] == "batch_inverse" and not upd.accepts_dense_init:
+            raise ConfigError(
+                f"{where}.init = 'batch_inverse' needs an update rule that starts from a dense "
+                f"matrix, but {where}.update = {options['update']['name']!r} does not; "
+                f"set {where}.init=identity or {where}.update=bfgs")
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
+        super().__init__(ctx, options)
+        self.factor = ctx.factor(self.opts["update"], ctx.adapter.d_a)
+        self.damping = ctx.damping(self.opts["damping"])
+        self.inversion = ctx.inversion(self.opts["inversion"])
+        self.initialised = False
+
+    def prepare(self, cap: Capture, info: StepInfo) -> None:
+        if self.initialised:
+            return
+        self.initialised = True
+        if self.opts["init"] == "identity":
+            self.factor.reset(None)
+            return
+        a = self.ctx.adapter.input_covariance(cap.inp).to(self.ctx.dtype)
+        good = info.ok & torch.isfinite(a).all()
+        res = self.inversion.invert(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
+        self.factor.reset(res.inverse)
+        self._stats["a_inversion_fallback"] = res.fallback
+
+    def apply(self, m: Tensor) -> Tensor:
+        return self.factor.apply(m.T).T
+
+    def after_step(self, cap: Capture, info: StepInfo) -> None:
+        adapter, dt = self.ctx.adapter, self.ctx.dtype
+        v = adapter.input_mean(cap.inp).to(dt)
+        s = self.factor.apply(v)
+        y = adapter.hessian_action(cap.inp, s.to(cap.inp.dtype)).to(dt) + info.lam_a * s
+        damped = self.damping(s, y, self.factor.apply, info.lam_a)
+        accepted = self.factor.update(damped.s, damped.y, info.ok)
+        self._stats["a_sy"] = torch.dot(damped.s, damped.y)
+        for k, act in damped.active.items():
+            self._stats[f"a_{k}"] = act
+        self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (info.ok & ~accepted).long()
+
+    def factors(self) -> dict[str, Tensor]:
+        return {"H_a": self.factor.dense()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initialised": self.initialised, "factor": self.factor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initialised = bool(state["initialised"])
+        self.factor.load_state_dict(state["factor"])

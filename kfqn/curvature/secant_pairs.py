@@ -1,0 +1,118 @@
+"""G side of K-BFGS / KF-BFGS-CNN: secant pairs in pre-activation space (SPEC §3).
+
+s = mean h(theta) - mean h(theta+), y = mean g(theta) - mean g(theta+), means over batch and
+positions, with g the per-sample pre-activation gradient. Source ``extra_pass`` [P2]: a second
+forward/backward on the same minibatch at theta+ = theta + alpha P. Source ``next_iterate``
+(R): the next step's forward/backward (next minibatch) closes the pair, no extra pass.
+
+Pairs are averaged by an EMA (decay ``ema``; the first pair initialises it; 0 switches it off)
+and the buffers hold the undamped averages. Damping (DD / DDV2 / Powell / none) uses the current
+H_g; then the update rule (BFGS / L-BFGS) updates H_g (H_g0 = I). The P2 norm gate skips the
+update when s^T y <= eps ||s||^2 ||gbar(theta)||.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Option
+from kfqn.core.sections import Sub
+from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
+from kfqn.layers.capture import Capture
+
+
+class SecantPairsG(GEstimator):
+    name = "secant_pairs"
+    description = "K-BFGS G side: pre-activation secant pairs, EMA, damping, BFGS/L-BFGS on H_g"
+    options = {
+        "source": Option("extra_pass", "where theta+ is evaluated: extra_pass (same minibatch) "
+                         "or next_iterate (next step's minibatch)",
+                         choices=["extra_pass", "next_iterate"]),
+        "ema": Option(0.9, "EMA decay of (s, y); 0 = off (full-batch training)",
+                      type=float, low=0.0, high=1.0, open_high=True),
+        "damping": Sub("damping", "dd", "damping of the averaged pair"),
+        "update": Sub("factor_update", "bfgs", "update rule for H_g"),
+        "norm_gate": Option(True, "skip when s^T y <= eps ||s||^2 ||gbar|| (P2)", type=bool),
+        "norm_gate_eps": Option(1e-4, "eps of the norm gate", type=float, low=0.0),
+    }
+    subcomponents = {"damping": "damping", "update": "factor_update"}
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
+        super().__init__(ctx, options)
+        d, dt, dev = ctx.adapter.d_g, ctx.dtype, ctx.device
+        self.factor = ctx.factor(self.opts["update"], d)
+        self.damping = ctx.damping(self.opts["damping"])
+        self.needs_trial_pass = self.opts["source"] == "extra_pass"
+        self.s_avg = torch.zeros(d, dtype=dt, device=dev)
+        self.y_avg = torch.zeros(d, dtype=dt, device=dev)
+        self.pairs = torch.zeros((), dtype=torch.long, device=dev)
+        self.prev_h = torch.zeros(d, dtype=dt, device=dev)
+        self.prev_g = torch.zeros(d, dtype=dt, device=dev)
+        self.has_prev = torch.zeros((), dtype=torch.bool, device=dev)
+        self.rejected = torch.zeros((), dtype=torch.long, device=dev)
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.ctx.dtype)
+
+    def _absorb(self, s: Tensor, y: Tensor, g_ref: Tensor, allow: Tensor, mu2: float) -> None:
+        beta = self.opts["ema"]
+        first = self.pairs == 0
+        s_new = torch.where(first, s, beta * self.s_avg + (1.0 - beta) * s)
+        y_new = torch.where(first, y, beta * self.y_avg + (1.0 - beta) * y)
+        self.s_avg = torch.where(allow, s_new, self.s_avg)
+        self.y_avg = torch.where(allow, y_new, self.y_avg)
+        self.pairs = self.pairs + allow.long()
+        d = self.damping(self.s_avg, self.y_avg, self.factor.apply, mu2)
+        sy = torch.dot(d.s, d.y)
+        gate = allow
+        if self.opts["norm_gate"]:
+            bound = self.opts["norm_gate_eps"] * torch.dot(d.s, d.s) * torch.linalg.vector_norm(g_ref)
+            gate = gate & (sy > bound)
+        accepted = self.factor.update(d.s, d.y, gate)
+        self.rejected = self.rejected + (allow & ~accepted).long()
+        st = self._stats
+        st["sy_raw"] = torch.dot(self.s_avg, self.y_avg)
+        st["sy"] = sy
+        for k, act in d.active.items():
+            st[f"damping_{k}"] = act
+        st["g_accepted"] = accepted
+        st["g_rejected"] = self.rejected
+
+    def prepare(self, cap: Capture, info: StepInfo) -> None:
+        if self.opts["source"] != "next_iterate":
+            return
+        h, g = self._cast(cap.h_mean), self._cast(cap.g_mean)
+        self._absorb(self.prev_h - h, self.prev_g - g, self.prev_g, self.has_prev & info.ok, info.mu2)
+
+    def apply(self, m: Tensor) -> Tensor:
+        return self.factor.apply(m)
+
+    def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
+        h, g = self._cast(cap.h_mean), self._cast(cap.g_mean)
+        ok = info.ok & torch.isfinite(trial.g_mean).all() & torch.isfinite(trial.h_mean).all()
+        self._absorb(h - self._cast(trial.h_mean), g - self._cast(trial.g_mean), g, ok, info.mu2)
+
+    def after_step(self, cap: Capture, info: StepInfo) -> None:
+        if self.opts["source"] != "next_iterate":
+            return
+        self.prev_h = torch.where(info.ok, self._cast(cap.h_mean), self.prev_h)
+        self.prev_g = torch.where(info.ok, self._cast(cap.g_mean), self.prev_g)
+        self.has_prev = info.ok.clone()
+
+    def factors(self) -> dict[str, Tensor]:
+        return {"H_g": self.factor.dense()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor.state_dict(), "s_avg": self.s_avg, "y_avg": self.y_avg,
+                "pairs": self.pairs, "prev_h": self.prev_h, "prev_g": self.prev_g,
+                "has_prev": self.has_prev, "rejected": self.rejected}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.factor.load_state_dict(state["factor"])
+        dev = self.ctx.device
+        for key in ("s_avg", "y_avg", "prev_h", "prev_g"):
+            setattr(self, key, state[key].to(dev, self.ctx.dtype).clone())
+        for key in ("pairs", "has_prev", "rejected"):
+            setattr(self, key, state[key].to(dev).clone())

@@ -1,0 +1,127 @@
+"""Layer adapter contract (SPEC §1-2).
+
+An adapter wraps one module and turns what the capture hooks recorded into the quantities the
+curvature estimators need, in homogeneous coordinates:
+
+* ``abar`` = [a; 1] (or a without bias), one row per sample and spatial position t in T;
+* ``Mbar`` = [grad W reshaped (d_g, d_a - 1), grad b], shape (d_g, d_a);
+* per-sample pre-activation gradients g_{i,t} = m * d(mean loss)/d h_{i,t}.
+
+All reductions are over the batch dimension (size m) and positions t; A-side reductions follow
+SPEC §2: ``A = (1/m) sum_i sum_t abar abar^T``.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kfqn.core.components import Component
+
+
+class LayerAdapter(Component):
+    """Base adapter. Subclasses set ``module_types`` and implement the abstract methods."""
+
+    module_types: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # -- matching --------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this adapter is meant for ``module`` (by type)."""
+        return isinstance(module, cls.module_types)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """Why a matching module cannot be preconditioned (e.g. groups > 1), or None."""
+        return None
+
+    # -- shapes ----------------------------------------------------------------------------
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def d_g(self) -> int:
+        """Output dimension d_g (rows of Wbar)."""
+        return self.module.weight.shape[0]
+
+    @property
+    def d_a(self) -> int:
+        """Homogeneous input dimension d_a (columns of Wbar)."""
+        return self.module.weight[0].numel() + int(self.has_bias)
+
+    def params(self) -> list[nn.Parameter]:
+        """The parameters this adapter preconditions: weight, then bias if any."""
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    # -- homogeneous matrices ---------------------------------------------------------------
+    def homogeneous(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Wbar = [W reshaped (d_g, -1), b] for weights, gradients or directions."""
+        w = weight.reshape(weight.shape[0], -1)
+        if bias is None:
+            return w
+        return torch.cat([w, bias.reshape(-1, 1)], dim=1)
+
+    def homogeneous_grad(self) -> Tensor:
+        """Mbar: the homogeneous gradient of the current ``.grad`` fields."""
+        b = self.module.bias.grad if self.has_bias else None
+        return self.homogeneous(self.module.weight.grad, b)
+
+    def homogeneous_weight(self) -> Tensor:
+        """Wbar: the homogeneous parameter matrix."""
+        b = self.module.bias.detach() if self.has_bias else None
+        return self.homogeneous(self.module.weight.detach(), b)
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        """Split a (d_g, d_a) matrix back into tensors shaped like weight (and bias)."""
+        w = mat[:, : self.d_a - int(self.has_bias)].reshape(self.module.weight.shape)
+        if not self.has_bias:
+            return [w]
+        return [w, mat[:, -1].reshape(self.module.bias.shape)]
+
+    # -- per-layer statistics (abstract) ----------------------------------------------------
+    def positions(self, inp: Tensor) -> int:
+        """|T|: spatial positions per sample for this input."""
+        raise NotImplementedError
+
+    def patches(self, inp: Tensor) -> Tensor:
+        """abar for every sample and position: shape (m, |T|, d_a). Reference path (memory heavy)."""
+        raise NotImplementedError
+
+    def input_mean(self, inp: Tensor) -> Tensor:
+        """v = mean over batch and positions of abar, shape (d_a,)."""
+        raise NotImplementedError
+
+    def input_covariance(self, inp: Tensor, chunk: int = 64) -> Tensor:
+        """A = (1/m) sum_i sum_t abar_{i,t} abar_{i,t}^T, shape (d_a, d_a)."""
+        m = inp.shape[0]
+        d = self.d_a
+        acc = torch.zeros(d, d, dtype=inp.dtype, device=inp.device)
+        for part in inp.split(chunk):
+            p = self.patches(part).reshape(-1, d)
+            acc.addmm_(p.T, p)
+        return acc / m
+
+    def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:
+        """(1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s): the minibatch A times s (SPEC §3, P1)."""
+        raise NotImplementedError
+
+    def output_mean(self, out: Tensor) -> Tensor:
+        """Mean of the pre-activation h over batch and positions, shape (d_g,)."""
+        raise NotImplementedError
+
+    def grad_output_mean(self, grad_out: Tensor) -> Tensor:
+        """Mean over batch and positions of g_{i,t} = m * dL/dh_{i,t}, shape (d_g,)."""
+        raise NotImplementedError
+
+    def per_sample_grad_outputs(self, grad_out: Tensor) -> Tensor:
+        """g_{i,t} = m * dL/dh_{i,t} as (m, |T|, d_g)."""
+        raise NotImplementedError

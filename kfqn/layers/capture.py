@@ -1,0 +1,86 @@
+"""Forward/backward hooks that record what a layer's curvature estimators need.
+
+One :class:`CaptureHooks` per preconditioned module. The optimizer sets ``phase``:
+
+* ``"current"`` (default): forward+backward at theta; records the input (a reference, no copy),
+  the mean pre-activation and the mean per-sample pre-activation gradient;
+* ``"trial"``: the same at the trial point theta+ (SPEC §3, ``extra_pass``);
+* ``"warm"``: forward-only warm start; the input is handed to ``on_warm`` and not kept;
+* ``None``: hooks do nothing.
+
+Nothing here synchronises with the device: means are computed as tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from kfqn.layers.base import LayerAdapter
+
+
+@dataclass
+class Capture:
+    """What one forward (+ backward) of one module left behind."""
+
+    inp: Tensor | None = None
+    h_mean: Tensor | None = None
+    g_mean: Tensor | None = None
+    grad_out: Tensor | None = None
+    batch: int = 0
+    positions: int = 1
+    calls: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Forward and backward both seen."""
+        return self.inp is not None and self.g_mean is not None
+
+
+class CaptureHooks:
+    """Registers the hooks on ``module`` and keeps one :class:`Capture` per phase."""
+
+    def __init__(self, module: nn.Module, adapter: LayerAdapter, keep_grad_output: bool = False):
+        self.module = module
+        self.adapter = adapter
+        self.keep_grad_output = keep_grad_output
+        self.phase: str | None = "current"
+        self.slots: dict[str, Capture] = {"current": Capture(), "trial": Capture()}
+        self.on_warm: Callable[[Tensor], None] | None = None
+        self._handle = module.register_forward_hook(self._forward)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def reset(self, phase: str) -> None:
+        self.slots[phase] = Capture()
+
+    def _forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        phase = self.phase
+        if phase is None:
+            return
+        inp = inputs[0]
+        if phase == "warm":
+            if self.on_warm is not None:
+                self.on_warm(inp.detach())
+            return
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        cap = Capture(
+            inp=inp.detach(),
+            h_mean=self.adapter.output_mean(output.detach()),
+            batch=inp.shape[0],
+            positions=self.adapter.positions(inp),
+            calls=self.slots[phase].calls + 1,
+        )
+        self.slots[phase] = cap
+        adapter, keep = self.adapter, self.keep_grad_output
+
+        def _grad_hook(grad: Tensor) -> None:
+            cap.g_mean = adapter.grad_output_mean(grad.detach())
+            if keep:
+                cap.grad_out = grad.detach()
+
+        output.register_hook(_grad_hook)

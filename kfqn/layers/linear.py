@@ -1,0 +1,64 @@
+"""Adapter for ``nn.Linear``: inputs (m, *, d_in), outputs (m, *, d_out).
+
+Extra leading dimensions after the batch dimension count as positions t (|T| = their product),
+so a Linear layer applied to sequences is handled like a 1x1 convolution.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kfqn.layers.base import LayerAdapter
+
+
+class LinearAdapter(LayerAdapter):
+    name = "linear"
+    description = "nn.Linear (bias or not; extra input dimensions act as positions)"
+    module_types = (nn.Linear,)
+
+    def _rows(self, inp: Tensor) -> Tensor:
+        return inp.reshape(-1, inp.shape[-1])
+
+    def positions(self, inp: Tensor) -> int:
+        return inp[0].numel() // inp.shape[-1]
+
+    def patches(self, inp: Tensor) -> Tensor:
+        m = inp.shape[0]
+        a = inp.reshape(m, -1, inp.shape[-1])
+        if self.has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        return a
+
+    def input_mean(self, inp: Tensor) -> Tensor:
+        mean = self._rows(inp).mean(0)
+        if self.has_bias:
+            mean = torch.cat([mean, mean.new_ones(1)])
+        return mean
+
+    def input_covariance(self, inp: Tensor, chunk: int = 0) -> Tensor:
+        m = inp.shape[0]
+        a = self._rows(inp)
+        aa = a.T @ a
+        if not self.has_bias:
+            return aa / m
+        s = a.sum(0, keepdim=True)
+        n = a.new_full((1, 1), float(a.shape[0]))
+        return torch.cat([torch.cat([aa, s.T], 1), torch.cat([s, n], 1)], 0) / m
+
+    def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:
+        m = inp.shape[0]
+        a = self._rows(inp)
+        if self.has_bias:
+            z = a @ s[:-1] + s[-1]
+            return torch.cat([a.T @ z, z.sum().reshape(1)]) / m
+        return a.T @ (a @ s) / m
+
+    def output_mean(self, out: Tensor) -> Tensor:
+        return out.reshape(-1, out.shape[-1]).mean(0)
+
+    def grad_output_mean(self, grad_out: Tensor) -> Tensor:
+        return grad_out.reshape(-1, grad_out.shape[-1]).mean(0) * grad_out.shape[0]
+
+    def per_sample_grad_outputs(self, grad_out: Tensor) -> Tensor:
+        m = grad_out.shape[0]
+        return grad_out.reshape(m, -1, grad_out.shape[-1]) * m

@@ -1,0 +1,22 @@
+"""Built-in components, registered through the same hooks a third-party plugin uses."""
+from __future__ import annotations
+
+from kfqn.plugins import (
+    builtin_adapters,
+    builtin_estimators,
+    builtin_fallbacks,
+    builtin_inversions,
+    builtin_presets,
+    builtin_updates,
+    runner_components,
+)
+
+BUILTIN_PLUGINS = [
+    builtin_adapters,
+    builtin_updates,
+    builtin_inversions,
+    builtin_estimators,
+    builtin_fallbacks,
+    builtin_presets,
+    runner_components,
+]

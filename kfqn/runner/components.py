@@ -1,0 +1,64 @@
+"""Look-up of registered data sets and models, and validation of their ``options``.
+
+Data sets and models are registry components (kinds ``dataset`` and ``model``), contributed by
+:mod:`kfqn.plugins.runner_components` or any third-party plugin through the hooks
+``kfqn_datasets`` / ``kfqn_models``. Each is a class; the runner instantiates it without
+arguments and passes the validated ``options`` of the experiment config to its build method.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from kfqn.core.components import Component
+from kfqn.core.errors import ConfigError, RegistryError
+from kfqn.core.registry import close_matches
+
+#: config section -> registry kind
+SECTION_KIND = {"data": "dataset", "model": "model"}
+
+
+def get_component(kind: str, name: str, key: str) -> Any:
+    """An instance of the registered component ``kind``/``name``.
+
+    ``key`` is the config key that named it (``data.name``); it prefixes the error message.
+    """
+    from kfqn.core.registry import default_registry
+
+    if not name:
+        names = ", ".join(default_registry().names(kind)) or "(none)"
+        raise ConfigError(f"{key} is required; registered {kind}s: {names}")
+    try:
+        cls = default_registry().get(kind, str(name))
+    except RegistryError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return cls() if isinstance(cls, type) else cls
+
+
+def resolve_options(component: Component, given: Mapping[str, Any] | None, key: str) -> dict:
+    """``given`` checked against ``component.options`` and completed with the defaults.
+
+    Raises :class:`ConfigError` naming the key, the allowed values and close matches.
+    """
+    table = getattr(component, "options", {}) or {}
+    given = dict(given or {})
+    unknown = [k for k in given if k not in table]
+    if unknown:
+        k = unknown[0]
+        allowed = ", ".join(sorted(table)) or "(none)"
+        raise ConfigError(
+            f"{key}.{k} is not an option of {component.name!r}; its options: {allowed}."
+            + close_matches(k, table)
+        )
+    out = {}
+    for name, opt in table.items():
+        value = given.get(name, opt.default)
+        out[name] = opt.validate(f"{key}.{name}", value)
+    return out
+
+
+def describe_options(component: Component) -> str:
+    """One line per option: name, default, allowed values and doc (for listings)."""
+    lines = []
+    for name, opt in (getattr(component, "options", {}) or {}).items():
+        lines.append(f"{name} = {opt.default!r}  ({opt.allowed()})  {opt.doc}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Contracts for inverse-factor update rules and damping rules.
+
+An :class:`InverseFactor` holds an approximation H of the inverse of a curvature factor (H_a or
+H_g) and updates it from secant pairs (s, y) so that, for rules with ``satisfies_secant``,
+H+ y = s. Updates are branch-free on the device: a rejected pair leaves H unchanged through
+``torch.where``; nothing calls ``.item()``.
+
+A :class:`Damping` maps (s, y) to a damped pair using H y (SPEC §3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Component
+
+
+class InverseFactor(Component):
+    """An inverse factor H of dimension ``dim``, updated from secant pairs."""
+
+    #: whether an accepted update makes H+ y = s hold exactly
+    satisfies_secant: ClassVar[bool] = True
+    #: whether an accepted update from a pair with s^T y > 0 keeps H positive definite
+    keeps_positive_definite: ClassVar[bool] = True
+    #: whether ``reset(H0)`` can take a dense initial matrix
+    accepts_dense_init: ClassVar[bool] = True
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str, **options: Any):
+        self.dim = dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def reset(self, h0: Tensor | None = None) -> None:
+        """Start again from ``h0`` (dense, symmetric positive definite) or the identity."""
+        raise NotImplementedError
+
+    def apply(self, v: Tensor) -> Tensor:
+        """H v for a vector (dim,) or each column of a matrix (dim, n)."""
+        raise NotImplementedError
+
+    def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
+        """Update from the pair (s, y) where ``allow`` (a bool tensor) holds and the pair is
+        admissible; return the bool tensor 'accepted'."""
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        """H as a dense (dim, dim) matrix (for analysis and tests)."""
+        return self.apply(torch.eye(self.dim, dtype=self.dtype, device=self.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes of tensors held as state."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values()
+                   if isinstance(t, Tensor))
+
+
+def admissible(s: Tensor, y: Tensor, allow: Tensor | None) -> Tensor:
+    """s^T y > 0, s and y finite, and ``allow``: the acceptance test shared by update rules."""
+    sy = torch.dot(s, y)
+    ok = (sy > 0) & torch.isfinite(s).all() & torch.isfinite(y).all()
+    if allow is not None:
+        ok = ok & allow
+    return ok
+
+
+@dataclass
+class DampingResult:
+    """A damped pair plus bool tensors saying which damping steps were active."""
+
+    s: Tensor
+    y: Tensor
+    active: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Damping(Component):
+    """A damping rule. ``mu2`` is the layer's second damping constant (from lambda)."""
+
+    def __init__(self, **options: Any) -> None:
+        self.opts = options
+
+    def __call__(self, s: Tensor, y: Tensor, hy: Callable[[Tensor], Tensor], mu2: float) -> DampingResult:
+        raise NotImplementedError
+
+    def guarantee(self, s: Tensor, y: Tensor, hy: Callable[[Tensor], Tensor], mu2: float) -> Tensor:
+        """The rule's postcondition on its own output pair (bool tensor), for contract tests."""
+        return torch.dot(s, y) > 0

@@ -1,0 +1,97 @@
+"""L-BFGS inverse factor in compact form (SPEC §3; Byrd, Nocedal, Schnabel 1994, eq. 2.6).
+
+Memory: the p most recent accepted pairs, FIFO, oldest first in rows of S and Y (p, d). Slots
+not yet filled hold zeros and are masked so that no host synchronisation is ever needed.
+With H0 = gamma I, S = [s_i], Y = [y_i], R = triu(S^T Y), D = diag(s_i^T y_i):
+
+    H v = gamma v + S R^{-T} ((D + gamma Y^T Y) R^{-1} S^T v - gamma Y^T v) - gamma Y R^{-1} S^T v
+
+which is identical to the two-loop recursion and, while the memory holds every pair since H0,
+to dense BFGS started from gamma I. gamma = 1 (default) or s^T y / y^T y of the newest pair.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Option
+from kfqn.updates.base import InverseFactor, admissible
+
+
+class LBFGSFactor(InverseFactor):
+    name = "lbfgs"
+    description = "limited-memory BFGS (p pairs, FIFO, H0 = gamma I), compact form (SPEC §3)"
+    accepts_dense_init = False
+    options = {
+        "memory": Option(100, "number of pairs p kept", type=int, low=1),
+        "gamma": Option("one", "H0 = gamma I: 'one' or 'scaled' (s^T y / y^T y of the newest pair)",
+                        choices=["one", "scaled"]),
+    }
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str,
+                 memory: int = 100, gamma: str = "one", **options: Any):
+        super().__init__(dim, dtype, device)
+        self.memory = int(memory)
+        self.gamma_mode = gamma
+        self.reset()
+
+    def reset(self, h0: Tensor | None = None) -> None:
+        if h0 is not None:
+            raise ValueError("L-BFGS starts from gamma*I; a dense initial matrix is not supported")
+        p, d = self.memory, self.dim
+        self.s = torch.zeros(p, d, dtype=self.dtype, device=self.device)
+        self.y = torch.zeros(p, d, dtype=self.dtype, device=self.device)
+        self.valid = torch.zeros(p, dtype=torch.bool, device=self.device)
+        self.gamma = torch.ones((), dtype=self.dtype, device=self.device)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Recompute R (with unit diagonal on empty slots), D and Y Y^T after a change."""
+        sy = self.s @ self.y.T
+        self._d = torch.diagonal(sy).clone()
+        self._r = torch.triu(sy) + torch.diag((~self.valid).to(self.dtype))
+        self._yy = self.y @ self.y.T
+
+    def apply(self, v: Tensor) -> Tensor:
+        vec = v.dim() == 1
+        mat = v[:, None] if vec else v
+        g = self.gamma
+        a = self.s @ mat
+        b = self.y @ mat
+        u = torch.linalg.solve_triangular(self._r, a, upper=True)
+        w = self._d[:, None] * u + g * (self._yy @ u) - g * b
+        top = torch.linalg.solve_triangular(self._r.T, w, upper=False)
+        out = g * mat + self.s.T @ top - g * (self.y.T @ u)
+        return out[:, 0] if vec else out
+
+    def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
+        ok = admissible(s, y, allow)
+        s = torch.where(ok, s, torch.zeros_like(s))
+        y = torch.where(ok, y, torch.zeros_like(y))
+        shifted_s = torch.cat([self.s[1:], s[None]])
+        shifted_y = torch.cat([self.y[1:], y[None]])
+        shifted_v = torch.cat([self.valid[1:], ok.reshape(1)])
+        self.s = torch.where(ok, shifted_s, self.s)
+        self.y = torch.where(ok, shifted_y, self.y)
+        self.valid = torch.where(ok, shifted_v, self.valid)
+        if self.gamma_mode == "scaled":
+            yy = torch.dot(y, y)
+            ratio = torch.dot(s, y) / torch.where(yy > 0, yy, torch.ones_like(yy))
+            self.gamma = torch.where(ok, ratio, self.gamma)
+        self._refresh()
+        return ok
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"s": self.s, "y": self.y, "valid": self.valid, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["s"].shape != self.s.shape:
+            raise ValueError(f"L-BFGS memory shape {tuple(state['s'].shape)} does not match "
+                             f"this optimizer's {tuple(self.s.shape)} (memory, dim)")
+        self.s = state["s"].to(self.device, self.dtype).clone()
+        self.y = state["y"].to(self.device, self.dtype).clone()
+        self.valid = state["valid"].to(self.device).clone()
+        self.gamma = state["gamma"].to(self.device, self.dtype).clone()
+        self._refresh()
