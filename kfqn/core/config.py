@@ -132,6 +132,8 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
                 out[key] = dict(val)
             else:
                 out[key] = merge(old, val)
+        elif isinstance(val, Mapping) and isinstance(old, str) and "name" not in val:
+            out[key] = {"name": old, **to_plain(val)}  # options for a component given by name
         elif isinstance(val, str) and isinstance(old, Mapping) and "name" in old:
             out[key] = dict(old) if val == old["name"] else val
         else:

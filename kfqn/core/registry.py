@@ -113,7 +113,7 @@ class Registry:
         table: dict[str, Registered] = {}
         hook = getattr(self.pm.hook, hook_name)
         # oldest registration first, so later plugins may override earlier ones
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():  # registration order, oldest first
             items = impl.function() or []
             plugin_override = id(impl.plugin) in self._overrides
             for obj in items:

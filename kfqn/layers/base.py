@@ -39,6 +39,11 @@ class LayerAdapter(Component):
         """Why a matching module cannot be preconditioned (e.g. groups > 1), or None."""
         return None
 
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        """Small (module, input shape) cases for the component contract tests."""
+        raise NotImplementedError(f"adapter {cls.name!r} provides no examples() for the contract tests")
+
     # -- shapes ----------------------------------------------------------------------------
     @property
     def has_bias(self) -> bool:

@@ -26,6 +26,16 @@ class Conv2dAdapter(LayerAdapter):
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
         return None
 
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        return [
+            (nn.Conv2d(2, 3, 3), (4, 2, 6, 6)),
+            (nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False), (3, 2, 7, 5)),
+            (nn.Conv2d(3, 2, (2, 3), stride=(1, 2), padding=(1, 0), dilation=(2, 1)), (2, 3, 6, 7)),
+            (nn.Conv2d(2, 2, 3, padding="same", dilation=2), (2, 2, 5, 5)),
+            (nn.Conv2d(2, 4, 1), (3, 2, 4, 4)),
+        ]
+
     # -- geometry --------------------------------------------------------------------------
     def _prepare(self, inp: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Input padded explicitly for string paddings, and the numeric padding left to apply."""

@@ -16,6 +16,11 @@ class LinearAdapter(LayerAdapter):
     description = "nn.Linear (bias or not; extra input dimensions act as positions)"
     module_types = (nn.Linear,)
 
+    @classmethod
+    def examples(cls) -> list[tuple[nn.Module, tuple[int, ...]]]:
+        return [(nn.Linear(5, 4), (6, 5)), (nn.Linear(3, 2, bias=False), (4, 3)),
+                (nn.Linear(4, 3), (3, 2, 4))]
+
     def _rows(self, inp: Tensor) -> Tensor:
         return inp.reshape(-1, inp.shape[-1])
 

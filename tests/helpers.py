@@ -1,0 +1,53 @@
+"""Small models and problems shared by the optimizer tests."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+QN_PRESETS = ["kbfgs", "kbfgs_l", "kfbfgs_cnn", "kfbfgs_l_cnn"]
+
+
+def small_cnn(seed: int = 1, dropout: float = 0.0) -> nn.Module:
+    """Conv + BatchNorm + strided conv + Linear head on 3x8x8 inputs, 4 classes."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2), nn.ReLU(), nn.Flatten(),
+    ]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(6 * 3 * 3, 4))
+    return nn.Sequential(*layers)
+
+
+def teacher_data(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    w = torch.randn(3 * 8 * 8, 4, generator=g)
+    return x, (x.flatten(1) @ w).argmax(1)
+
+
+def make_closure(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable:
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, size: int):
+    i = 0
+    while True:
+        s = (i * size) % x.shape[0]
+        yield x[s:s + size], y[s:s + size]
+        i += 1
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
