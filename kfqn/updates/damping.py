@@ -64,29 +64,28 @@ class PowellDamping(Damping):
         return torch.dot(s, y) >= self.opts.get("mu1", 0.2) * yhy * (1 - 1e-9) - 1e-12
 
 
-class DoubleDamping(Damping):
+class _PowellThenSecond(PowellDamping):
+    """Powell on H, then a second stage that guarantees s^T y >= mu2 s^T s."""
+
+    def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
+        return torch.dot(s, y) >= mu2 * torch.dot(s, s) * (1 - 1e-9) - 1e-12
+
+
+class DoubleDamping(_PowellThenSecond):
     name = "dd"
     description = "double damping [P2]: Powell on H, then Powell with B = I and mu2 = sqrt(lambda)"
-    options = MU1
 
     def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
         s, act1 = powell(s, y, hy(y), self.opts.get("mu1", 0.2))
         y, act2 = powell_identity(s, y, mu2)
         return DampingResult(s, y, {"powell": act1, "second": act2})
 
-    def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
-        return torch.dot(s, y) >= mu2 * torch.dot(s, s) * (1 - 1e-9) - 1e-12
 
-
-class DDV2Damping(Damping):
+class DDV2Damping(_PowellThenSecond):
     name = "ddv2"
     description = "DDV2 [P1] (R): Powell on H, then Levenberg-Marquardt y <- y + mu2 s"
-    options = MU1
 
     def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
         s, act1 = powell(s, y, hy(y), self.opts.get("mu1", 0.2))
         y = y + mu2 * s
         return DampingResult(s, y, {"powell": act1, "second": torch.ones_like(act1)})
-
-    def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
-        return torch.dot(s, y) >= mu2 * torch.dot(s, s) * (1 - 1e-9) - 1e-12
