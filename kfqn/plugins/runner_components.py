@@ -1,4 +1,4 @@
-"""Built-in data sets and models for the experiment runner (filled in by the runner work)."""
+"""Built-in data sets and models for the experiment runner (:mod:`kfqn.runner`)."""
 from __future__ import annotations
 
 from kfqn.core.hookspecs import hookimpl
@@ -6,9 +6,15 @@ from kfqn.core.hookspecs import hookimpl
 
 @hookimpl
 def kfqn_datasets() -> list:
-    return []
+    """CURVES (generated), digits (scikit-learn), MNIST, Fashion-MNIST, CIFAR-10/100, SVHN."""
+    from kfqn.runner.data import DATASETS
+
+    return list(DATASETS)
 
 
 @hookimpl
 def kfqn_models() -> list:
-    return []
+    """P2's autoencoders, scaled-down autoencoders, All-CNN-C, VGG16(-BN), ResNet-32, digits CNN."""
+    from kfqn.runner.models import MODELS
+
+    return list(MODELS)

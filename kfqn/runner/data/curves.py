@@ -56,17 +56,33 @@ def sample_points(rng: np.random.Generator, n: int, size: int, margin: float,
     return np.take_along_axis(out, order[:, :, None], axis=1)
 
 
-def curve_points(points: np.ndarray, samples: int) -> np.ndarray:
-    """Points on the quadratic through each triple, shape (n, samples, 2), t in [0, 1]."""
+def curve_points(points: np.ndarray, samples: int | np.ndarray) -> np.ndarray:
+    """Points on the quadratic through each triple, shape (n, K, 2).
+
+    ``samples``: K evenly spaced t in [0, 1], or an array of t values, (K,) or (n, K).
+    """
     p0, p1, p2 = points[:, 0], points[:, 1], points[:, 2]
     d01 = np.linalg.norm(p1 - p0, axis=-1)
     d12 = np.linalg.norm(p2 - p1, axis=-1)
     t1 = (d01 / (d01 + d12))[:, None, None]
-    t = np.linspace(0.0, 1.0, samples)[None, :, None]
+    t = np.linspace(0.0, 1.0, samples) if np.isscalar(samples) else np.asarray(samples)
+    t = np.broadcast_to(t, (len(points), t.shape[-1]))[:, :, None]
     l0 = (t - t1) * (t - 1.0) / t1
     l1 = t * (t - 1.0) / (t1 * (t1 - 1.0))
     l2 = t * (t - t1) / (1.0 - t1)
     return l0 * p0[:, None] + l1 * p1[:, None] + l2 * p2[:, None]
+
+
+def _sample_params(points: np.ndarray) -> np.ndarray:
+    """Per-image t values (n, K): ``ceil(length / _SPACING)`` even steps, padded with t = 1.
+
+    Each image's samples depend on that image only, so an image renders the same in any batch.
+    """
+    coarse = curve_points(points, 65)
+    length = np.linalg.norm(np.diff(coarse, axis=1), axis=-1).sum(1)
+    k = np.clip(np.ceil(1.05 * length / _SPACING).astype(int), 16, 4096)
+    j = np.arange(k.max())[None, :]
+    return np.minimum(j / (k[:, None] - 1), 1.0)
 
 
 def render(points: np.ndarray, size: int, sigma: float, chunk: int = 256) -> np.ndarray:
@@ -82,10 +98,7 @@ def render(points: np.ndarray, size: int, sigma: float, chunk: int = 256) -> np.
     out = torch.zeros(len(points) * size * size)
     for start in range(0, len(points), chunk):
         pts = points[start:start + chunk]
-        coarse = curve_points(pts, 33)
-        length = np.linalg.norm(np.diff(coarse, axis=1), axis=-1).sum(1).max(initial=1.0)
-        k = int(min(max(math.ceil(1.05 * length / _SPACING), 16), 2048))
-        c = torch.from_numpy(curve_points(pts, k)).to(torch.float32)  # (B, K, 2) as (x, y)
+        c = torch.from_numpy(curve_points(pts, _sample_params(pts))).to(torch.float32)  # (B,K,2)
         cand = c.round()[:, :, None, :] + off  # (B, K, W, 2) pixel candidates near the curve
         d2 = ((cand - c[:, :, None, :]) ** 2).sum(-1)
         val = torch.exp(d2 / (-2.0 * sigma * sigma))
