@@ -1,0 +1,3 @@
+from kfqn.cli import main
+
+raise SystemExit(main())
