@@ -107,6 +107,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self.unsupported: dict[str, str] = {}
         self.layers: dict[str, Layer] = {}
         self._build_layers()
+        self._sampling_layers = [l for l in self.layers.values()
+                                 if getattr(l.g, "needs_sampled_grads", False)]
+        self._output_hook = (model.register_forward_hook(self._on_model_output)
+                             if self._sampling_layers else None)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self._device())
         self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
 
@@ -184,7 +188,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
         ctx = LayerContext(name, adapter, self.factor_dtype, dev, self.builder)
         a = self.builder.estimator("a_estimator", self.config["a_side"], ctx)
         g = self.builder.estimator("g_estimator", self.config["g_side"], ctx)
-        hooks = CaptureHooks(module, adapter, keep_grad_output=bool(getattr(g, "needs_grad_output", False)))
+        hooks = CaptureHooks(module, adapter, keep_grad_output=bool(getattr(g, "needs_grad_output", False)),
+                             keep_output=bool(getattr(g, "needs_sampled_grads", False)))
         zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=dev)
         flag = torch.zeros((), dtype=torch.bool, device=dev)
         count = torch.zeros((), dtype=torch.long, device=dev)
@@ -201,6 +206,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
         """Detach all capture hooks from the model."""
         for layer in self.layers.values():
             layer.hooks.remove()
+        if self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
 
     # -- reporting -----------------------------------------------------------------------------
     @property
@@ -306,6 +314,38 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 p.grad = g
             self._restore_running_stats(bn)
             _set_rng_state(rng_after)
+
+    # -- auxiliary backward from the model output (G estimators with needs_sampled_grads) --------
+    def _on_model_output(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        """Forward hook on the root model: before the user's backward, backpropagate the
+        cotangents the G estimators ask for (``output_cotangents``; e.g. the gradient of the loss
+        at labels sampled from the model, SPEC §4 K-FAC) from the model output to every captured
+        layer output h, into ``Capture.sampled_grad_out`` (R, *h.shape). Capture hooks are muted
+        meanwhile, so the true-label quantities come from the user's backward alone."""
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return  # e.g. evaluation; the estimators explain a missing result in prepare
+        owner = self._sampling_layers[0].g  # one g_side config: the first layer's speaks for all
+        if not owner.wants_sampled_grads(self._step_count):
+            return
+        layers = [l for l in self._sampling_layers
+                  if l.hooks.phase == "current" and l.hooks.slots["current"].out is not None]
+        if not layers:
+            return
+        with torch.no_grad():
+            cotangents = owner.output_cotangents(output.detach())
+        outs = [l.hooks.slots["current"].out for l in layers]
+        for layer in self.layers.values():
+            layer.hooks.muted = True
+        try:
+            grads = [torch.autograd.grad(output, outs, grad_outputs=v, retain_graph=True,
+                                         allow_unused=True) for v in cotangents]
+        finally:
+            for layer in self.layers.values():
+                layer.hooks.muted = False
+        for i, layer in enumerate(layers):
+            per = [g[i] for g in grads]
+            layer.hooks.slots["current"].sampled_grad_out = (
+                None if any(g is None for g in per) else torch.stack([g.detach() for g in per]))
 
     # -- the step --------------------------------------------------------------------------------
     def _finite_flag(self, loss: Tensor | None) -> Tensor:
@@ -463,8 +503,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
         for layer in self.layers.values():
             total += layer.a.state_bytes() + layer.g.state_bytes()
             total += layer.momentum.numel() * layer.momentum.element_size()
-        for t in self.fallback.state_dict().get("buf", {}).values():
-            total += t.numel() * t.element_size()
+        fallback_bytes = getattr(self.fallback, "state_bytes", None)
+        if fallback_bytes is not None:
+            total += fallback_bytes()
+        else:
+            for t in self.fallback.state_dict().get("buf", {}).values():
+                total += t.numel() * t.element_size()
         return total
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -8,6 +8,11 @@ One :class:`CaptureHooks` per preconditioned module. The optimizer sets ``phase`
 * ``"warm"``: forward-only warm start; the input is handed to ``on_warm`` and not kept;
 * ``None``: hooks do nothing.
 
+With ``keep_output`` the capture also keeps a reference to the module's output h (still attached
+to the graph), so that the optimizer can run an extra backward to h, e.g. K-FAC's sampled-label
+backward (SPEC §4); its results go to ``Capture.sampled_grad_out``. While ``muted`` is set, the
+gradient hook ignores gradients (such auxiliary backward passes must not overwrite ``g_mean``).
+
 Nothing here synchronises with the device: means are computed as tensors.
 """
 from __future__ import annotations
@@ -29,6 +34,8 @@ class Capture:
     h_mean: Tensor | None = None
     g_mean: Tensor | None = None
     grad_out: Tensor | None = None
+    out: Tensor | None = None
+    sampled_grad_out: Tensor | None = None
     batch: int = 0
     positions: int = 1
     calls: int = 0
@@ -42,10 +49,13 @@ class Capture:
 class CaptureHooks:
     """Registers the hooks on ``module`` and keeps one :class:`Capture` per phase."""
 
-    def __init__(self, module: nn.Module, adapter: LayerAdapter, keep_grad_output: bool = False):
+    def __init__(self, module: nn.Module, adapter: LayerAdapter, keep_grad_output: bool = False,
+                 keep_output: bool = False):
         self.module = module
         self.adapter = adapter
         self.keep_grad_output = keep_grad_output
+        self.keep_output = keep_output
+        self.muted = False
         self.phase: str | None = "current"
         self.slots: dict[str, Capture] = {"current": Capture(), "trial": Capture()}
         self.on_warm: Callable[[Tensor], None] | None = None
@@ -74,11 +84,14 @@ class CaptureHooks:
             batch=inp.shape[0],
             positions=self.adapter.positions(inp),
             calls=self.slots[phase].calls + 1,
+            out=output if self.keep_output else None,
         )
         self.slots[phase] = cap
         adapter, keep = self.adapter, self.keep_grad_output
 
         def _grad_hook(grad: Tensor) -> None:
+            if self.muted:
+                return
             cap.g_mean = adapter.grad_output_mean(grad.detach())
             if keep:
                 cap.grad_out = grad.detach()

@@ -8,15 +8,23 @@ from kfqn.plugins import (
     builtin_inversions,
     builtin_presets,
     builtin_updates,
+    first_order,
+    inversions_extra,
+    kfac,
     runner_components,
+    shampoo,
 )
 
 BUILTIN_PLUGINS = [
     builtin_adapters,
     builtin_updates,
     builtin_inversions,
+    inversions_extra,
     builtin_estimators,
     builtin_fallbacks,
+    kfac,
+    shampoo,
+    first_order,
     builtin_presets,
     runner_components,
 ]
