@@ -1,0 +1,45 @@
+"""``kfqn bench``: step time, phases and memory of every preset against first-order methods.
+
+For each model of the suite (``benchmarks/suite.yaml``) and each device, every method (the kfqn
+presets, their listed variants, SGD with momentum and Adam) gets its own copy of the model, built
+from the same seed, and the same synthetic batches. After a warm-up, the methods' timed steps are
+interleaved round-robin (the order rotates every round) so that machine noise hits all alike.
+Reported per (model, method, device):
+
+* the step time (forward and backward included): median, quartiles, min and max;
+* per-phase medians from ``opt.last_phase_times`` (forward_backward, extra_pass, factor_updates,
+  precondition, fallback); first-order methods report forward_backward and ``update``;
+* ``state_bytes``: ``opt.state_bytes()`` (kfqn) or the tensors in ``opt.state`` (torch);
+* ``resident_bytes``: what building the optimizer and its first step left allocated, gradients
+  excluded (catches buffers that ``state_bytes`` does not count);
+* ``peak_bytes`` = parameters + gradients + resident optimizer memory + the largest growth of
+  allocated memory during one steady-state step (CPU: a ``torch.profiler`` memory record, since
+  RSS and tracemalloc do not isolate one step of one method; CUDA: ``max_memory_allocated``).
+
+Ratios (``ratio_to_adam``, ``state_ratio_to_adam``, ...) are taken against the ``adam`` method:
+the registered ``adam`` preset when there is one, else ``torch.optim.Adam(betas=(0.9, 0.9))``;
+``ratio_to_torch_adam`` is the step-time ratio against ``torch.optim.Adam`` itself (method
+``adam_torch``), since kfqn's Adam fallback and torch's implementation need not cost the same.
+
+On CUDA the phase times are host times (the optimizer does not synchronise inside ``step``); the
+step time itself is measured between ``torch.cuda.synchronize()`` calls. The targets in
+``benchmarks/targets.yaml`` are checked on the ratios of the same run and printed PASS/MISS.
+
+Modules: :mod:`~kfqn.bench.suite` (definitions), :mod:`~kfqn.bench.cases` (one method on one
+model), :mod:`~kfqn.bench.measure` (timing and memory), :mod:`~kfqn.bench.report` (records,
+targets, tables), :mod:`~kfqn.bench.cli`. Run ``python -m kfqn.bench --help`` (or
+``kfqn bench --help``); ``benchmarks/profile_presets.py`` shows where a preset's time goes.
+"""
+from kfqn.bench.cases import Case, FirstOrder, make_batches
+from kfqn.bench.cli import HELP, SCHEMA, add_arguments, main, run
+from kfqn.bench.measure import AllocationMeter, Result, bench_model
+from kfqn.bench.report import evaluate_targets, markdown_table, summarise, targets_table
+from kfqn.bench.suite import (REFERENCE, TORCH_REFERENCE, MethodSpec, ModelSpec, benchmarks_dir,
+                              load_suite, load_targets, resolve_methods, resolve_models)
+
+__all__ = [
+    "HELP", "SCHEMA", "add_arguments", "run", "main", "Case", "FirstOrder", "make_batches",
+    "AllocationMeter", "Result", "bench_model", "summarise", "evaluate_targets",
+    "markdown_table", "targets_table", "MethodSpec", "ModelSpec", "benchmarks_dir", "load_suite",
+    "load_targets", "resolve_methods", "resolve_models", "REFERENCE", "TORCH_REFERENCE",
+]

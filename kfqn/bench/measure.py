@@ -1,0 +1,180 @@
+"""Timing and memory measurement: warm-up, round-robin timed rounds, allocation records."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kfqn.bench.cases import Case, make_batches
+from kfqn.bench.suite import MethodSpec, ModelSpec
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AllocationMeter:
+    """Net and peak growth of allocated memory over a block.
+
+    CPU: a ``torch.profiler`` memory record (allocation events summed in time order).
+    CUDA: ``memory_allocated`` / ``max_memory_allocated``. ``method`` says which, or why not.
+    """
+
+    def __init__(self, device: torch.device, enabled: bool = True) -> None:
+        self.device, self.enabled = device, enabled
+        self.net = self.peak = 0
+        self.method = "off" if not enabled else (
+            "cuda_max_memory_allocated" if device.type == "cuda" else "torch_profiler")
+        self._prof: Any = None
+        self._start = 0
+
+    def __enter__(self) -> "AllocationMeter":
+        if not self.enabled:
+            return self
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.net = torch.cuda.memory_allocated(self.device) - self._start
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        try:
+            self._prof.__exit__(*exc)
+            events = sorted((e.start_ns(), e.nbytes())
+                            for e in self._prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]")
+        except Exception as err:  # private profiler API: report, do not fail the bench
+            self.method = f"unavailable ({type(err).__name__})"
+            return
+        total = peak = 0
+        for _, nbytes in events:
+            total += nbytes
+            peak = max(peak, total)
+        self.net, self.peak = total, peak
+
+
+@contextlib.contextmanager
+def _quiet_fd2() -> Any:
+    """Silence C-level stderr (the profiler's start/stop and allocator notes) for a moment."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@dataclass
+class Result:
+    """Raw measurements of one case."""
+
+    case: Case
+    times: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    first_step_s: float = math.nan
+    resident_bytes: int | None = None
+    transient_bytes: int | None = None
+    memory_method: str = "off"
+    error: str | None = None
+
+
+def _guard(result: Result, fn: Callable[[], Any]) -> None:
+    """Run ``fn``; a failing method is recorded with its error and left out afterwards."""
+    if result.error is not None:
+        return
+    try:
+        fn()
+    except Exception as exc:  # one broken preset must not sink the whole benchmark
+        result.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+
+
+def bench_model(spec: ModelSpec, methods: Sequence[MethodSpec], suite: dict,
+                device: torch.device, warmup: int, repeats: int, seed: int = 0,
+                memory: bool = True, log: Callable[[str], None] = print) -> list[Result]:
+    """Build every method on ``spec``, warm up, time round-robin, then measure memory."""
+    batches = make_batches(spec, device, seed)
+    results: list[Result] = []
+    for method in methods:  # build, warm start and first (cold) step, one method at a time
+        case = Case(spec, method, suite, device, seed)
+        res = Result(case)
+        results.append(res)
+        grads = case.param_bytes()
+        meter = AllocationMeter(device, memory)
+
+        def first() -> None:
+            with _quiet_fd2() if memory else contextlib.nullcontext(), meter:
+                case.build_optimizer(batches)
+                _sync(device)
+                t0 = time.perf_counter()
+                case.step(*batches[0])
+                _sync(device)
+                res.first_step_s = time.perf_counter() - t0
+            res.memory_method = meter.method
+            if memory and not meter.method.startswith("unavailable"):
+                res.resident_bytes = max(0, meter.net - grads)
+
+        _guard(res, first)
+        log(f"  {spec.key}/{method.label} [{device.type}]: first step "
+            + (f"{res.first_step_s * 1e3:.0f} ms" if res.error is None else f"FAILED: {res.error}"))
+    live = lambda: [r for r in results if r.error is None]  # noqa: E731
+    for i in range(warmup):
+        for r in live():
+            _guard(r, lambda r=r: r.case.step(*batches[(i + 1) % len(batches)]))
+    gc.collect()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for k in range(repeats):
+            order = live()
+            order = order[k % len(order):] + order[:k % len(order)] if order else order
+            x, y = batches[k % len(batches)]
+            for r in order:
+                def timed(r: Result = r) -> None:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    phases = r.case.step(x, y)
+                    _sync(device)
+                    r.times.append(time.perf_counter() - t0)
+                    r.phases.append(phases)
+                _guard(r, timed)
+    finally:
+        if gc_was:
+            gc.enable()
+    if memory:
+        for r in live():
+            meter = AllocationMeter(device)
+
+            def transient(r: Result = r, meter: AllocationMeter = meter) -> None:
+                with _quiet_fd2(), meter:
+                    r.case.step(*batches[0])
+                r.transient_bytes = max(0, meter.peak)
+
+            _guard(r, transient)
+    return results
