@@ -107,6 +107,29 @@ class _Estimator(Component):
         return total
 
 
+class WarmStartSum:
+    """Sum of per-batch A over a forward-only warm-start pass (SPEC §3):
+    ``mean()`` = (1/N) sum over all N samples of sum_t abar abar^T, then the sum is cleared."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, batch_a: Tensor, batch_size: int) -> None:
+        """Absorb one batch's A = (1/m) sum_i sum_t abar abar^T of ``batch_size`` m samples."""
+        weighted = batch_a * batch_size
+        self.total = weighted if self.total is None else self.total + weighted
+        self.count += batch_size
+
+    def mean(self) -> Tensor | None:
+        """The warm-start A (None if nothing was seen); resets the sum."""
+        if self.total is None:
+            return None
+        out = self.total / self.count
+        self.total, self.count = None, 0
+        return out
+
+
 class AEstimator(_Estimator):
     """Input-side estimator: owns H_a (d_a x d_a); ``apply(M) = M H_a``."""
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from kfqn.core.components import Option
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import AEstimator, LayerContext, StepInfo
+from kfqn.curvature.base import AEstimator, LayerContext, StepInfo, WarmStartSum
 from kfqn.layers.capture import Capture
 
 
@@ -41,8 +41,7 @@ class EMAHessianActionA(AEstimator):
         self.needs_warm_start = bool(self.opts["warm_start"])
         self.a: Tensor | None = None
         self.ema_updates = 0
-        self._warm_sum: Tensor | None = None
-        self._warm_count = 0
+        self._warm = WarmStartSum()
         self._eye = torch.eye(d, dtype=ctx.dtype, device=ctx.device)
 
     def _cov(self, inp: Tensor) -> Tensor:
@@ -56,16 +55,13 @@ class EMAHessianActionA(AEstimator):
 
     # -- warm start ---------------------------------------------------------------------------
     def warm_accumulate(self, inp: Tensor) -> None:
-        m = inp.shape[0]
-        cov = self._cov(inp) * m
-        self._warm_sum = cov if self._warm_sum is None else self._warm_sum + cov
-        self._warm_count += m
+        self._warm.add(self._cov(inp), inp.shape[0])
 
     def warm_finish(self, lam_a: float) -> None:
-        if self._warm_sum is None:
+        a = self._warm.mean()
+        if a is None:
             return
-        self._start(self._warm_sum / self._warm_count, lam_a)
-        self._warm_sum, self._warm_count = None, 0
+        self._start(a, lam_a)
 
     # -- per step --------------------------------------------------------------------------
     def prepare(self, cap: Capture, info: StepInfo) -> None:

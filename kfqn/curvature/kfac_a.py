@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from torch import Tensor
 
 from kfqn.core.components import Option
-from kfqn.curvature.base import AEstimator, LayerContext, StepInfo
+from kfqn.curvature.base import AEstimator, LayerContext, StepInfo, WarmStartSum
 from kfqn.curvature.kfac_factor import CADENCE_OPTIONS, KFACFactorMixin
 from kfqn.layers.capture import Capture
 
@@ -35,24 +35,20 @@ class KFACA(KFACFactorMixin, AEstimator):
         self._init_factor(ctx.adapter.d_a)
         self.needs_warm_start = bool(self.opts["warm_start"])
         self._skip_next_ema = False
-        self._warm_sum: Tensor | None = None
-        self._warm_count = 0
+        self._warm = WarmStartSum()
 
     def _cov(self, inp: Tensor) -> Tensor:
         return self.ctx.adapter.input_covariance(inp).to(self.ctx.dtype)
 
     # -- warm start ---------------------------------------------------------------------------
     def warm_accumulate(self, inp: Tensor) -> None:
-        m = inp.shape[0]
-        cov = self._cov(inp) * m
-        self._warm_sum = cov if self._warm_sum is None else self._warm_sum + cov
-        self._warm_count += m
+        self._warm.add(self._cov(inp), inp.shape[0])
 
     def warm_finish(self, lam_a: float) -> None:
-        if self._warm_sum is None:
+        a = self._warm.mean()
+        if a is None:
             return
-        self._set_factor(self._warm_sum / self._warm_count)
-        self._warm_sum, self._warm_count = None, 0
+        self._set_factor(a)
         self._skip_next_ema = True
 
     # -- per step ------------------------------------------------------------------------------
