@@ -32,7 +32,8 @@ from kfqn import bench
 KFQN_CODE = r"kfqn/(core|curvature|updates|layers|inversion)/"
 
 
-def profile_method(case: bench.Case, batches, steps: int, top: int, use_torch: bool) -> str:
+def profile_method(case: bench.Case, batches, steps: int, top: int, use_torch: bool,
+                   by_shape: bool = True) -> str:
     """cProfile (and torch.profiler) text for ``steps`` steps of one built and warmed case."""
     prof = cProfile.Profile()
     prof.enable()
@@ -49,7 +50,7 @@ def profile_method(case: bench.Case, batches, steps: int, top: int, use_torch: b
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as tp:
             for i in range(steps):
                 case.step(*batches[i % len(batches)])
-        text += "\n" + tp.key_averages(group_by_input_shape=True).table(
+        text += "\n" + tp.key_averages(group_by_input_shape=by_shape).table(
             sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=28,
             max_shapes_column_width=50)
     return text
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--torch", action="store_true", help="also the torch.profiler op table")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--by-name", action="store_true",
+                   help="group the torch.profiler table by op name only (not by input shapes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(1 + args.warmup):
             case.step(*data[i % len(data)])
         print(f"\n==== {spec.key} (batch {spec.batch}) / {method.label} ====")
-        print(profile_method(case, data, args.steps, args.top, args.torch), flush=True)
+        print(profile_method(case, data, args.steps, args.top, args.torch,
+                                   not args.by_name), flush=True)
     return 0
 
 

@@ -25,7 +25,8 @@ def test_presets_resolve_with_every_spec_option():
     assert cfg["g_side"]["damping"]["name"] == "ddv2" and cfg["g_side"]["norm_gate"] is False
     assert cfg["a_side"] == {"name": "minibatch_hessian_action", "init": "batch_inverse",
                              "update": {"name": "bfgs"}, "damping": {"name": "powell", "mu1": 0.2},
-                             "inversion": {"name": "cholesky", "min_eig": 0.0}}
+                             "inversion": {"name": "cholesky", "min_eig": 0.0,
+                                           "host_reads": "auto"}}
 
 
 def test_overrides_kwargs_dotlist_and_component_switch():

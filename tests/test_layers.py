@@ -56,6 +56,13 @@ def test_statistics_match_explicit_patches(cls, i, device):
     a_explicit = abar.T @ abar / m                  # A = (1/m) sum_i sum_t abar abar^T
     torch.testing.assert_close(adapter.input_covariance(x), a_explicit, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(adapter.input_covariance(x, chunk=1), a_explicit, rtol=1e-10, atol=1e-10)
+    base = torch.randn(adapter.d_a, adapter.d_a, dtype=torch.float64, device=device)
+    acc = base.clone()   # in place: out += alpha sum abar abar^T
+    assert adapter.add_covariance_(acc, x, 0.3) is acc
+    torch.testing.assert_close(acc, base + 0.3 * m * a_explicit, rtol=1e-10, atol=1e-10)
+    bad = torch.full_like(x, float("nan"))       # a masked-out step adds nothing, even from NaN
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    assert torch.equal(adapter.add_covariance_(acc.clone(), bad, 0.3, mask=no), acc)
     torch.testing.assert_close(adapter.hessian_action(x, s), a_explicit @ s, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(adapter.input_mean(x), abar.mean(0), rtol=1e-10, atol=1e-12)
     assert adapter.positions(x) * m == abar.shape[0]

@@ -47,6 +47,11 @@ TOP_LEVEL: dict[str, Option | Sub] = {
     "unsupported": Option("warn", "weight-bearing modules no adapter can take: train them with "
                           "the fallback silently, with a warning, or raise",
                           choices=["fallback", "warn", "error"]),
+    "trial_pass_grads": Option("layer_outputs", "backward of the extra pass (g_side.source="
+                               "extra_pass): 'layer_outputs' freezes the parameters and computes "
+                               "only dL/dh (about 1/3 less work; the closure must not read "
+                               "parameter .grad); 'all' runs the closure's backward unchanged",
+                               choices=["layer_outputs", "all"]),
     "layers": Option(["linear", "conv2d"], "layer adapters to use", type=list),
     "a_side": Sub("a_estimator", "ema_hessian_action", "input-side estimator (H_a)"),
     "g_side": Sub("g_estimator", "secant_pairs", "output-side estimator (H_g)"),

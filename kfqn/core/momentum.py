@@ -16,3 +16,16 @@ def momentum_update(buf: Tensor, grad: Tensor, started: Tensor, rho: float, form
     coef = (1.0 - rho) if form == "ema" else 1.0
     new = torch.where(started, rho * buf + coef * grad, grad)
     return torch.where(ok, new, buf)
+
+
+def momentum_update_(buf: Tensor, grad: Tensor, started: Tensor, rho: float, form: str,
+                     ok: Tensor) -> Tensor:
+    """:func:`momentum_update` in place on ``buf`` (returned): buf <- k buf + c grad with the
+    0-dim coefficients k = rho, c = coef on a started accepted step; k = 0, c = 1 on the first
+    accepted step; k = 1, c = 0 (and a zeroed grad, which may be non-finite) where not ``ok``."""
+    coef = (1.0 - rho) if form == "ema" else 1.0
+    one = torch.ones((), dtype=buf.dtype, device=buf.device)
+    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
+    keep = torch.where(ok, torch.where(started, rho * one, zero), one)
+    gain = torch.where(ok, torch.where(started, coef * one, one), zero)
+    return buf.mul_(keep).addcmul_(torch.where(ok, grad, zero), gain)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from kfqn.core.assembly import ComponentBuilder
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
-from kfqn.core.momentum import momentum_update
+from kfqn.core.finite import all_finite, all_finite_many
+from kfqn.core.momentum import momentum_update_
 from kfqn.core.registry import Registry, default_registry
 from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
 from kfqn.layers.base import LayerAdapter
@@ -81,7 +82,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
     Build it with :func:`kfqn.build_optimizer`. ``step(closure)``: the closure zeroes the
     gradients, runs forward and backward on one minibatch and returns the (mean-reduced,
     unregularised) loss, like ``torch.optim.LBFGS``; presets with ``g_side.source=extra_pass``
-    call it a second time at the trial point.
+    call it a second time at the trial point, with the parameters frozen (their ``.grad`` is
+    None in that call; ``trial_pass_grads=all`` keeps them trainable there).
     """
 
     def __init__(self, model: nn.Module, config: dict, registry: Registry | None = None,
@@ -294,22 +296,44 @@ class KFQNOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _trial_pass(self, closure: Callable[[], Any], rng_before: Any, rng_after: Any) -> None:
-        """Closure at theta+ on the same minibatch; leaves grads, BN statistics and RNG as found."""
+        """Closure at theta+ on the same minibatch; leaves grads, BN statistics and RNG as found.
+
+        Only h and dL/dh of the preconditioned layers are needed at theta+, so every parameter
+        is frozen (``requires_grad=False``) for this pass and the capture hooks make the layer
+        outputs the gradient leaves: the backward skips all weight-gradient products, about a
+        third of a forward-backward's work. The closure must then not read parameter gradients
+        (they are None during this pass); config ``trial_pass_grads: all`` runs it unchanged."""
         params = self._all_params()
         grads = [p.grad for p in params]
+        outputs_only = self.config.get("trial_pass_grads", "layer_outputs") == "layer_outputs"
+        frozen = [p for p in self.model.parameters() if p.requires_grad] if outputs_only else []
         for p in params:
             p.grad = None
+        for p in frozen:
+            p.requires_grad_(False)
         bn = self._save_running_stats()
         _set_rng_state(rng_before)
         for layer in self.layers.values():
             layer.hooks.reset("trial")
             layer.hooks.phase = "trial"
+            layer.hooks.force_grad = outputs_only
         try:
             with torch.enable_grad():
                 closure()
+        except (TypeError, AttributeError, RuntimeError) as err:
+            if not outputs_only:
+                raise
+            raise KfqnError(
+                f"the closure failed in the extra pass at theta+ ({type(err).__name__}: {err}). "
+                "In that pass the parameters are frozen and their .grad is None "
+                "(trial_pass_grads=layer_outputs); if the closure reads parameter gradients or "
+                "differentiates with respect to them, set trial_pass_grads=all") from err
         finally:
             for layer in self.layers.values():
                 layer.hooks.phase = "current"
+                layer.hooks.force_grad = False
+            for p in frozen:
+                p.requires_grad_(True)
             for p, g in zip(params, grads):
                 p.grad = g
             self._restore_running_stats(bn)
@@ -349,14 +373,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     # -- the step --------------------------------------------------------------------------------
     def _finite_flag(self, loss: Tensor | None) -> Tensor:
-        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        """Device bool: the loss and every gradient are finite (:mod:`kfqn.core.finite`)."""
         dev = self._device()
-        checks = [torch.isfinite(g).all() for g in grads]
+        checks = [p.grad for p in self._all_params() if p.grad is not None]
         if loss is not None:
-            checks.append(torch.isfinite(torch.as_tensor(loss, device=dev)).all())
-        if not checks:
-            return torch.ones((), dtype=torch.bool, device=dev)
-        return torch.stack(checks).all()
+            checks.append(torch.as_tensor(loss, device=dev).detach())
+        return all_finite_many(checks, dev)
 
     def _active_layers(self) -> list[tuple[Layer, Capture]]:
         active = []
@@ -455,18 +477,19 @@ class KFQNOptimizer(torch.optim.Optimizer):
             wbar = layer.adapter.homogeneous_weight().to(dt) if wd else None
             if wbar is not None and inside:
                 grad = grad + wd * wbar
-            layer.momentum = momentum_update(layer.momentum, grad, layer.started,
-                                             float(group["momentum"]), form, ok)
+            momentum_update_(layer.momentum, grad, layer.started, float(group["momentum"]),
+                             form, ok)
             layer.started = layer.started | ok
-            direction = -layer.g.apply(layer.a.apply(layer.momentum))
+            # the step is -lr * (H_g Mhat H_a [+ tau Wbar outside]), zero if not finite
+            precond = layer.g.apply(layer.a.apply(layer.momentum))
             if wbar is not None and not inside:
-                direction = direction - wd * wbar
-            good = ok & torch.isfinite(direction).all()
+                precond = precond + wd * wbar
+            good = ok & all_finite(precond)
             layer.dir_rejected = layer.dir_rejected + (ok & ~good).long()
-            direction = torch.where(good, direction, torch.zeros_like(direction))
+            precond = torch.where(good, precond, torch.zeros((), dtype=dt, device=precond.device))
             lr = float(group["lr"])
-            for p, d in zip(layer.adapter.params(), layer.adapter.split(direction)):
-                p.add_(d.to(p.dtype), alpha=lr)
+            for p, d in zip(layer.adapter.params(), layer.adapter.split(precond)):
+                p.add_(d.to(p.dtype), alpha=-lr)
 
     # -- analysis ------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, float]]:

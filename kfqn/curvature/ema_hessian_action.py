@@ -42,7 +42,6 @@ class EMAHessianActionA(AEstimator):
         self.a: Tensor | None = None
         self.ema_updates = 0
         self._warm = WarmStartSum()
-        self._eye = torch.eye(d, dtype=ctx.dtype, device=ctx.device)
 
     def _cov(self, inp: Tensor) -> Tensor:
         return self.ctx.adapter.input_covariance(inp).to(self.ctx.dtype)
@@ -76,17 +75,26 @@ class EMAHessianActionA(AEstimator):
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         ok = info.ok
         if self.ema_updates > 0:  # iteration 0 uses the warm-start (or first-batch) A as it is
-            beta = self.opts["beta"]
-            self.a = torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(cap.inp), self.a)
+            self._ema(cap.inp, ok)
         self.ema_updates += 1
-        a_lm = self.a + info.lam_a * self._eye
         v = self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype)
         s = self.factor.apply(v)
-        y = a_lm @ s
+        y = torch.addmv(s, self.a, s, beta=info.lam_a)       # A_LM s = A s + lambda_A s
         damped = self.damping(s, y, self.factor.apply, info.lam_a)
         accepted = self.factor.update(damped.s, damped.y, ok)
         self._stats["a_sy"] = torch.dot(damped.s, damped.y)
         self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (ok & ~accepted).long()
+
+    def _ema(self, inp: Tensor, ok: Tensor) -> None:
+        """A <- beta A + (1 - beta) A_batch where ``ok``, else unchanged; in place when the
+        input has the factor dtype (one product accumulated into A, no (d_a, d_a) temporary)."""
+        beta = self.opts["beta"]
+        if inp.dtype != self.a.dtype:
+            self.a = torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(inp), self.a)
+            return
+        keep = torch.where(ok, torch.tensor(beta, dtype=self.a.dtype, device=self.a.device), 1.0)
+        self.a.mul_(keep)
+        self.ctx.adapter.add_covariance_(self.a, inp, (1.0 - beta) / inp.shape[0], mask=ok)
 
     def factors(self) -> dict[str, Tensor]:
         out = {"H_a": self.factor.dense()}

@@ -23,7 +23,7 @@ from kfqn.core.components import Component
 Damping = Union[float, Tensor]
 
 #: ``InversionResult.fallback`` codes
-FIRST_PATH, FLOAT64_RETRY, EIGH_FALLBACK = 0, 1, 2
+FIRST_PATH, FLOAT64_RETRY, EIGH_FALLBACK, SHIFTED_FALLBACK = 0, 1, 2, 3
 
 
 
@@ -32,7 +32,7 @@ class InversionResult:
     """The inverse and a device int tensor saying which path produced it.
 
     ``fallback``: 0 = the strategy's first path, 1 = float64 retry, 2 = eigendecomposition
-    fallback. ``clamped``: number of eigenvalues raised to the floor ``min_eig`` (0-dim long
+    fallback, 3 = Gershgorin-shifted float64 Cholesky (the sync-free last resort). ``clamped``: number of eigenvalues raised to the floor ``min_eig`` (0-dim long
     tensor) on the eigendecomposition path, ``None`` where no eigendecomposition ran.
     """
 
@@ -47,8 +47,11 @@ def sym(a: Tensor) -> Tensor:
 
 
 def finite_or_zero(a: Tensor) -> Tensor:
-    """``a`` where every entry is finite, else the zero matrix (LAPACK must never see NaN)."""
-    return torch.where(torch.isfinite(a).all(), a, torch.zeros_like(a))
+    """``a`` where every entry is finite, else the zero matrix (LAPACK must never see NaN).
+
+    The test is the finiteness of the sum (one fast reduction; a non-finite entry always makes
+    the sum non-finite, and a sum that overflows only makes the test conservative)."""
+    return torch.where(torch.isfinite(a.sum()), a, torch.zeros_like(a))
 
 
 def eigh_power(a: Tensor, damping: Damping, power: float, min_eig: float = 0.0

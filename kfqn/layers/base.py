@@ -107,13 +107,25 @@ class LayerAdapter(Component):
 
     def input_covariance(self, inp: Tensor, chunk: int = 64) -> Tensor:
         """A = (1/m) sum_i sum_t abar_{i,t} abar_{i,t}^T, shape (d_a, d_a)."""
-        m = inp.shape[0]
         d = self.d_a
         acc = torch.zeros(d, d, dtype=inp.dtype, device=inp.device)
+        self.add_covariance_(acc, inp, 1.0 / inp.shape[0], chunk)
+        return acc
+
+    def add_covariance_(self, out: Tensor, inp: Tensor, alpha: float, chunk: int = 64,
+                        mask: Tensor | None = None) -> Tensor:
+        """out += alpha sum_i sum_t abar_{i,t} abar_{i,t}^T in place (no (d_a, d_a) temporary);
+        ``out`` has ``inp``'s dtype. ``mask`` (0-dim bool tensor): where false, nothing is added
+        (``inp`` may then be non-finite). Generic version: patches of ``chunk`` samples at a
+        time."""
+        d = self.d_a
+        zero = torch.zeros((), dtype=inp.dtype, device=inp.device)
         for part in inp.split(chunk):
             p = self.patches(part).reshape(-1, d)
-            acc.addmm_(p.T, p)
-        return acc / m
+            if mask is not None:
+                p = torch.where(mask, p, zero)
+            out.addmm_(p.T, p, alpha=alpha)
+        return out
 
     def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:
         """(1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s): the minibatch A times s (SPEC §3, P1)."""

@@ -56,6 +56,9 @@ class CaptureHooks:
         self.keep_grad_output = keep_grad_output
         self.keep_output = keep_output
         self.muted = False
+        #: make the output a gradient leaf when nothing upstream requires grad (the optimizer's
+        #: trial pass freezes the parameters: it needs dL/dh, not weight gradients)
+        self.force_grad = False
         self.phase: str | None = "current"
         self.slots: dict[str, Capture] = {"current": Capture(), "trial": Capture()}
         self.on_warm: Callable[[Tensor], None] | None = None
@@ -76,8 +79,12 @@ class CaptureHooks:
             if self.on_warm is not None:
                 self.on_warm(inp.detach())
             return
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
+        if not output.requires_grad:
+            if not (self.force_grad and output.grad_fn is None and output.is_floating_point()):
+                return
+            output.requires_grad_()
         cap = Capture(
             inp=inp.detach(),
             h_mean=self.adapter.output_mean(output.detach()),

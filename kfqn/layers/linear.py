@@ -40,15 +40,21 @@ class LinearAdapter(LayerAdapter):
             mean = torch.cat([mean, mean.new_ones(1)])
         return mean
 
-    def input_covariance(self, inp: Tensor, chunk: int = 0) -> Tensor:
-        m = inp.shape[0]
+    def add_covariance_(self, out: Tensor, inp: Tensor, alpha: float, chunk: int = 0,
+                        mask: Tensor | None = None) -> Tensor:
         a = self._rows(inp)
-        aa = a.T @ a
-        if not self.has_bias:
-            return aa / m
-        s = a.sum(0, keepdim=True)
-        n = a.new_full((1, 1), float(a.shape[0]))
-        return torch.cat([torch.cat([aa, s.T], 1), torch.cat([s, n], 1)], 0) / m
+        n = a.new_full((), float(a.shape[0]))
+        if mask is not None:
+            zero = torch.zeros((), dtype=a.dtype, device=a.device)
+            a, n = torch.where(mask, a, zero), torch.where(mask, n, zero)
+        d = a.shape[1]
+        out[:d, :d].addmm_(a.T, a, alpha=alpha)
+        if self.has_bias:
+            s = a.sum(0)
+            out[:d, d].add_(s, alpha=alpha)
+            out[d, :d].add_(s, alpha=alpha)
+            out[d, d].add_(n, alpha=alpha)
+        return out
 
     def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:
         m = inp.shape[0]
