@@ -160,9 +160,20 @@ def _small_cuda_model() -> torch.nn.Module:
         torch.nn.Linear(8 * 3 * 3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).cuda()
 
 
-def _all_preset_variants() -> list[tuple[str, list[str]]]:
+#: presets that do read back from the device inside step(), and why
+SYNCS_ON_CUDA = {
+    "shampoo": "inverse 4th roots by torch.linalg.eigh, which reads its status back to the host "
+               "(every inverse_every steps)",
+}
+
+
+def _all_preset_variants() -> list:
     presets = kfqn.default_registry().names("preset")
-    return [(p, []) for p in presets] + [("kfbfgs_l_cnn", ["g_side.source=next_iterate"])]
+    out = [pytest.param(p, [], marks=pytest.mark.xfail(raises=RuntimeError, strict=True,
+                                                       reason=SYNCS_ON_CUDA[p]))
+           if p in SYNCS_ON_CUDA else pytest.param(p, []) for p in presets]
+    return out + [pytest.param("kfbfgs_l_cnn", ["g_side.source=next_iterate"]),
+                  pytest.param("kfbfgs_cnn", ["trial_pass_grads=all"])]
 
 
 @pytest.mark.cuda

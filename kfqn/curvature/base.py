@@ -77,6 +77,14 @@ class _Estimator(Component):
     def apply(self, m: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def apply_t(self, mt: Tensor) -> Tensor:
+        """``apply(mt.T).T``: the same map on the transposed matrix (d_a, d_g).
+
+        The optimizer preconditions in this layout: d_a is often odd (bias column, c_in k^2 + 1)
+        and BLAS products whose output rows are that long run markedly slower than with d_g
+        there. Override where the product can be arranged that way (e.g. ``m @ H^T``)."""
+        return self.apply(mt.T).T
+
     def stats(self) -> dict[str, Tensor]:
         """Scalars of the last step, as device tensors."""
         return dict(self._stats)

@@ -89,6 +89,9 @@ class SecantPairsG(GEstimator):
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m)
 
+    def apply_t(self, mt: Tensor) -> Tensor:
+        return self.factor.apply_right(mt)
+
     def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
         h, g = self._cast(cap.h_mean), self._cast(cap.g_mean)
         ok = info.ok & torch.isfinite(trial.g_mean).all() & torch.isfinite(trial.h_mean).all()

@@ -14,9 +14,10 @@ the order of the root (4 for the two factors of a matrix).
 
 Grafting (G side, ``grafting: sgd``; Agarwal et al., *Disentangling adaptive gradient methods
 from learning rates*, 2020): each layer's direction is rescaled to the norm of the momentum
-direction Mhat, so Shampoo chooses the direction and SGD-momentum the step length. The norm of
-Mhat is handed over by the Shampoo A side (the optimizer applies the A side first); with another
-A side the norm of the A-side output is used.
+direction Mhat, so Shampoo chooses the direction and SGD-momentum the step length. Whichever
+Shampoo side is applied first records the norm of its input Mhat in the layer's shared dict and
+the second rescales its output, so the order the optimizer applies the sides in does not matter.
+With a Shampoo G side beside another A side, the G side rescales its own output.
 """
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
 
 GRAFT_KEY = "shampoo_graft_norm"
+GRAFT_ON = "shampoo_grafting"
+SIDES = "shampoo_sides"
+
+
+def _graft(shared: dict, m: Tensor, out: Tensor) -> Tensor:
+    """Grafting hand-over between the two Shampoo sides of a layer (module docstring)."""
+    if not shared.get(GRAFT_ON, False):
+        return out
+    if shared.get(SIDES, 0) < 2:
+        ref = torch.linalg.vector_norm(m)
+    else:
+        ref = shared.pop(GRAFT_KEY, None)
+        if ref is None:              # the first side of this step: hand the norm of Mhat over
+            shared[GRAFT_KEY] = torch.linalg.vector_norm(m)
+            return out
+    norm = torch.linalg.vector_norm(out)
+    return out * torch.where(norm > 0, ref / torch.where(norm > 0, norm, 1.0), 1.0)
 
 OPTIONS: dict[str, Option | Sub] = {
     "beta": Option(1.0, "1 = running sum (Shampoo); < 1 = EMA with this decay", type=float,
@@ -121,13 +139,14 @@ class ShampooA(_ShampooSide, AEstimator):
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
         super().__init__(ctx, options)
         self._init_side(ctx.adapter.d_a)
+        ctx.shared[SIDES] = ctx.shared.get(SIDES, 0) + 1
 
     def _outer(self, mbar: Tensor) -> Tensor:
         return mbar.T @ mbar
 
     def apply(self, m: Tensor) -> Tensor:
-        self.ctx.shared[GRAFT_KEY] = torch.linalg.vector_norm(m)
-        return m @ self._h() if self.opts["precondition"] else m
+        out = m @ self._h() if self.opts["precondition"] else m
+        return _graft(self.ctx.shared, m, out)
 
 
 class ShampooG(_ShampooSide, GEstimator):
@@ -145,15 +164,12 @@ class ShampooG(_ShampooSide, GEstimator):
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
         super().__init__(ctx, options)
         self._init_side(ctx.adapter.d_g)
+        ctx.shared[SIDES] = ctx.shared.get(SIDES, 0) + 1
+        ctx.shared[GRAFT_ON] = self.opts["grafting"] == "sgd"
 
     def _outer(self, mbar: Tensor) -> Tensor:
         return mbar @ mbar.T
 
     def apply(self, m: Tensor) -> Tensor:
         out = self._h() @ m if self.opts["precondition"] else m
-        if self.opts["grafting"] == "sgd":
-            ref = self.ctx.shared.pop(GRAFT_KEY, None)
-            ref = torch.linalg.vector_norm(m) if ref is None else ref
-            norm = torch.linalg.vector_norm(out)
-            out = out * torch.where(norm > 0, ref / torch.where(norm > 0, norm, 1.0), 1.0)
-        return out
+        return _graft(self.ctx.shared, m, out)

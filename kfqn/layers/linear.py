@@ -48,7 +48,10 @@ class LinearAdapter(LayerAdapter):
             zero = torch.zeros((), dtype=a.dtype, device=a.device)
             a, n = torch.where(mask, a, zero), torch.where(mask, n, zero)
         d = a.shape[1]
-        out[:d, :d].addmm_(a.T, a, alpha=alpha)
+        if self.has_bias:   # a product into the strided (d, d) block of out runs ~2x slower
+            out[:d, :d].add_(a.T @ a, alpha=alpha)
+        else:
+            out.addmm_(a.T, a, alpha=alpha)
         if self.has_bias:
             s = a.sum(0)
             out[:d, d].add_(s, alpha=alpha)

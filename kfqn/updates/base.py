@@ -46,6 +46,10 @@ class InverseFactor(Component):
         admissible; return the bool tensor 'accepted'."""
         raise NotImplementedError
 
+    def apply_right(self, m: Tensor) -> Tensor:
+        """m H^T for a matrix (n, dim), i.e. ``apply(m.T).T`` (override for a faster layout)."""
+        return self.apply(m.T).T
+
     def dense(self) -> Tensor:
         """H as a dense (dim, dim) matrix (for analysis and tests)."""
         return self.apply(torch.eye(self.dim, dtype=self.dtype, device=self.device))

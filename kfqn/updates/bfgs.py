@@ -47,6 +47,9 @@ class BFGSFactor(InverseFactor):
     def apply(self, v: Tensor) -> Tensor:
         return self.h @ v
 
+    def apply_right(self, m: Tensor) -> Tensor:
+        return m @ self.h.T
+
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
         hy = self.h @ y
         sy = torch.dot(s, y)

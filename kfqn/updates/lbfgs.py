@@ -48,23 +48,38 @@ class LBFGSFactor(InverseFactor):
         self._refresh()
 
     def _refresh(self) -> None:
-        """Recompute R (with unit diagonal on empty slots), D and Y Y^T after a change."""
+        """Recompute R (with unit diagonal on empty slots), D, Y Y^T and the stacked [S; Y]
+        after a change."""
         sy = self.s @ self.y.T
         self._d = torch.diagonal(sy).clone()
         self._r = torch.triu(sy) + torch.diag((~self.valid).to(self.dtype))
         self._yy = self.y @ self.y.T
+        self._sy = torch.cat([self.s, self.y])            # (2p, d): one product for S v, Y v
 
     def apply(self, v: Tensor) -> Tensor:
+        """H v, column form (v of shape (d,) or (d, n)): two (2p x d) products, two p x p
+        triangular solves."""
         vec = v.dim() == 1
         mat = v[:, None] if vec else v
-        g = self.gamma
-        a = self.s @ mat
-        b = self.y @ mat
+        g, p = self.gamma, self.memory
+        ab = self._sy @ mat                                  # [S v; Y v]
+        a, b = ab[:p], ab[p:]
         u = torch.linalg.solve_triangular(self._r, a, upper=True)
         w = self._d[:, None] * u + g * (self._yy @ u) - g * b
         top = torch.linalg.solve_triangular(self._r.T, w, upper=False)
-        out = g * mat + self.s.T @ top - g * (self.y.T @ u)
+        out = (self._sy.T @ torch.cat([top, -g * u])).addcmul_(mat, g)
         return out[:, 0] if vec else out
+
+    def apply_right(self, m: Tensor) -> Tensor:
+        """m H (H is symmetric) for m of shape (n, d), row form: the output keeps d as its
+        contiguous dimension."""
+        g, p = self.gamma, self.memory
+        ab = m @ self._sy.T                                  # [m S^T, m Y^T]
+        a, b = ab[:, :p], ab[:, p:]
+        u = torch.linalg.solve_triangular(self._r.T, a, upper=False, left=False)  # a R^{-T}
+        w = u * self._d + g * (u @ self._yy) - g * b
+        top = torch.linalg.solve_triangular(self._r, w, upper=True, left=False)  # w R^{-1}
+        return (torch.cat([top, -g * u], dim=1) @ self._sy).addcmul_(m, g)
 
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
         ok = admissible(s, y, allow)
