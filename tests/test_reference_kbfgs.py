@@ -116,13 +116,13 @@ def test_kbfgs_other_g_damping_matches_reference(damping, fired):
 
 
 @pytest.mark.parametrize("loss_kind", ["mse", "ce"])
-def test_kbfgs_l_equals_dense_bfgs_reference(loss_kind):
+def test_kbfgs_l_equals_dense_bfgs_reference(loss_kind, lbfgs_form):
     """K-BFGS(L) (L-BFGS, p = 100 >= number of pairs, gamma = 1) equals the dense-BFGS reference."""
     ref = check(run(7, loss_kind, "kbfgs_l", steps=6, cfg_overrides={"g_update": "bfgs"}), steps=6)
     assert events(ref, "dd2")
 
 
-def test_kbfgs_l_short_memory_matches_reference_lbfgs():
+def test_kbfgs_l_short_memory_matches_reference_lbfgs(lbfgs_form):
     """Memory 2 < number of pairs: FIFO of the most recent accepted pairs (reference two-loop)."""
     ref = check(run(7, "ce", "kbfgs_l", steps=6,
                     cfg_overrides={"g_update": "lbfgs", "lbfgs_memory": 2},

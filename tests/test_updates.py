@@ -2,7 +2,9 @@
 and dense BFGS == L-BFGS while the memory holds every pair (SPEC §3)."""
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import LBFGS_FORMS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -58,10 +60,12 @@ def test_bfgs_skips_nonpositive_curvature_and_nonfinite(data):
     torch.testing.assert_close(f.dense(), 0.5 * (h + h.T))
 
 
+@pytest.mark.parametrize("form", sorted(LBFGS_FORMS))
 @given(st.integers(1, 6), st.integers(1, 6), st.data())
-def test_lbfgs_equals_dense_bfgs_while_memory_holds_all_pairs(dim, n_pairs, data):
+def test_lbfgs_equals_dense_bfgs_while_memory_holds_all_pairs(form, dim, n_pairs, data):
     dense = BFGSFactor(dim, F64, "cpu")
-    limited = LBFGSFactor(dim, F64, "cpu", memory=n_pairs + data.draw(st.integers(0, 3)))
+    limited = LBFGSFactor(dim, F64, "cpu", memory=n_pairs + data.draw(st.integers(0, 3)),
+                          **LBFGS_FORMS[form])
     for _ in range(n_pairs):
         s, y = data.draw(curvature_pair(dim))
         # damp like the optimizer would so every pair is accepted by both
@@ -71,10 +75,11 @@ def test_lbfgs_equals_dense_bfgs_while_memory_holds_all_pairs(dim, n_pairs, data
     torch.testing.assert_close(limited.apply(v[:, 0]), dense.apply(v[:, 0]), rtol=1e-7, atol=1e-8)
 
 
+@pytest.mark.parametrize("form", sorted(LBFGS_FORMS))
 @given(st.integers(2, 6), st.data())
-def test_lbfgs_fifo_keeps_newest_pairs_and_secant(dim, data):
+def test_lbfgs_fifo_keeps_newest_pairs_and_secant(form, dim, data):
     memory = 3
-    f = LBFGSFactor(dim, F64, "cpu", memory=memory)
+    f = LBFGSFactor(dim, F64, "cpu", memory=memory, **LBFGS_FORMS[form])
     pairs = [data.draw(curvature_pair(dim)) for _ in range(5)]
     for s, y in pairs:
         f.update(s, y)
@@ -89,8 +94,9 @@ def test_lbfgs_fifo_keeps_newest_pairs_and_secant(dim, data):
     assert _min_eig(h) > 0
 
 
-def test_lbfgs_rejected_pair_changes_nothing():
-    f = LBFGSFactor(3, F64, "cpu", memory=4)
+@pytest.mark.parametrize("form", sorted(LBFGS_FORMS))
+def test_lbfgs_rejected_pair_changes_nothing(form):
+    f = LBFGSFactor(3, F64, "cpu", memory=4, **LBFGS_FORMS[form])
     s = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
     f.update(s, 2 * s)
     before = {k: v.clone() for k, v in f.state_dict().items()}
@@ -99,8 +105,9 @@ def test_lbfgs_rejected_pair_changes_nothing():
         assert torch.equal(v, before[k])
 
 
-def test_lbfgs_scaled_gamma():
-    f = LBFGSFactor(2, F64, "cpu", memory=2, gamma="scaled")
+@pytest.mark.parametrize("form", sorted(LBFGS_FORMS))
+def test_lbfgs_scaled_gamma(form):
+    f = LBFGSFactor(2, F64, "cpu", memory=2, gamma="scaled", **LBFGS_FORMS[form])
     s = torch.tensor([1.0, 0.0], dtype=F64)
     y = torch.tensor([4.0, 0.0], dtype=F64)
     f.update(s, y)

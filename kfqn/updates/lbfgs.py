@@ -8,6 +8,7 @@ With H0 = gamma I, S = [s_i], Y = [y_i], R = triu(S^T Y), D = diag(s_i^T y_i):
 
 which is identical to the two-loop recursion and, while the memory holds every pair since H0,
 to dense BFGS started from gamma I. gamma = 1 (default) or s^T y / y^T y of the newest pair.
+When d <= 4p the dense H is formed once per update and products use it (cheaper, same H).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ class LBFGSFactor(InverseFactor):
     name = "lbfgs"
     description = "limited-memory BFGS (p pairs, FIFO, H0 = gamma I), compact form (SPEC §3)"
     accepts_dense_init = False
+    #: keep H dense when dim <= dense_factor * memory (0: never; tests use it for both paths)
+    dense_factor = 4
     options = {
         "memory": Option(100, "number of pairs p kept", type=int, low=1),
         "gamma": Option("one", "H0 = gamma I: 'one' or 'scaled' (s^T y / y^T y of the newest pair)",
@@ -31,8 +34,11 @@ class LBFGSFactor(InverseFactor):
     }
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str,
-                 memory: int = 100, gamma: str = "one", **options: Any):
+                 memory: int = 100, gamma: str = "one", dense_factor: int | None = None,
+                 **options: Any):
         super().__init__(dim, dtype, device)
+        if dense_factor is not None:
+            self.dense_factor = dense_factor
         self.memory = int(memory)
         self.gamma_mode = gamma
         self.reset()
@@ -41,38 +47,65 @@ class LBFGSFactor(InverseFactor):
         if h0 is not None:
             raise ValueError("L-BFGS starts from gamma*I; a dense initial matrix is not supported")
         p, d = self.memory, self.dim
-        self.s = torch.zeros(p, d, dtype=self.dtype, device=self.device)
-        self.y = torch.zeros(p, d, dtype=self.dtype, device=self.device)
+        self._sy = torch.zeros(2 * p, d, dtype=self.dtype, device=self.device)
         self.valid = torch.zeros(p, dtype=torch.bool, device=self.device)
         self.gamma = torch.ones((), dtype=self.dtype, device=self.device)
         self._refresh()
 
+    @property
+    def s(self) -> Tensor:
+        """S: the stored s_i as rows, oldest first (a view of the stacked [S; Y])."""
+        return self._sy[: self.memory]
+
+    @property
+    def y(self) -> Tensor:
+        """Y: the stored y_i as rows, oldest first (a view of the stacked [S; Y])."""
+        return self._sy[self.memory:]
+
+    @property
+    def uses_dense(self) -> bool:
+        """Whether H is kept densely between updates: when d <= 4p a product with the dense
+        (d, d) matrix (2 d^2 flops per column) is cheaper than the compact form (8 p d), and
+        the matrix is at most twice the size of the stored pairs."""
+        return self.dim <= self.dense_factor * self.memory
+
     def _refresh(self) -> None:
-        """Recompute R (with unit diagonal on empty slots), D, Y Y^T and the stacked [S; Y]
-        after a change."""
-        sy = self.s @ self.y.T
+        """Recompute R (with unit diagonal on empty slots), D, Y^T Y and, where
+        :attr:`uses_dense`, the dense H, after a change."""
+        s, y = self.s, self.y
+        sy = s @ y.T
         self._d = torch.diagonal(sy).clone()
         self._r = torch.triu(sy) + torch.diag((~self.valid).to(self.dtype))
-        self._yy = self.y @ self.y.T
-        self._sy = torch.cat([self.s, self.y])            # (2p, d): one product for S v, Y v
+        self._yy = y @ y.T
+        self._dense = None
+        if self.uses_dense:
+            eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+            self._dense = self._compact(eye)
 
-    def apply(self, v: Tensor) -> Tensor:
-        """H v, column form (v of shape (d,) or (d, n)): two (2p x d) products, two p x p
-        triangular solves."""
-        vec = v.dim() == 1
-        mat = v[:, None] if vec else v
+    def _compact(self, mat: Tensor) -> Tensor:
+        """H mat for mat (d, n), compact form: two (2p x d) products, two p x p triangular
+        solves."""
         g, p = self.gamma, self.memory
-        ab = self._sy @ mat                                  # [S v; Y v]
+        ab = self._sy @ mat                                  # [S mat; Y mat]
         a, b = ab[:p], ab[p:]
         u = torch.linalg.solve_triangular(self._r, a, upper=True)
         w = self._d[:, None] * u + g * (self._yy @ u) - g * b
         top = torch.linalg.solve_triangular(self._r.T, w, upper=False)
-        out = (self._sy.T @ torch.cat([top, -g * u])).addcmul_(mat, g)
+        return (self._sy.T @ torch.cat([top, -g * u])).addcmul_(mat, g)
+
+    def apply(self, v: Tensor) -> Tensor:
+        """H v for v of shape (d,) or (d, n)."""
+        if self._dense is not None:
+            return self._dense @ v
+        vec = v.dim() == 1
+        out = self._compact(v[:, None] if vec else v)
         return out[:, 0] if vec else out
 
     def apply_right(self, m: Tensor) -> Tensor:
-        """m H (H is symmetric) for m of shape (n, d), row form: the output keeps d as its
-        contiguous dimension."""
+        """m H (H is symmetric) for m of shape (n, d), in row form so that the output keeps d
+        as its contiguous dimension."""
+        if self._dense is not None:
+            return m @ self._dense
         g, p = self.gamma, self.memory
         ab = m @ self._sy.T                                  # [m S^T, m Y^T]
         a, b = ab[:, :p], ab[:, p:]
@@ -85,11 +118,9 @@ class LBFGSFactor(InverseFactor):
         ok = admissible(s, y, allow)
         s = torch.where(ok, s, torch.zeros_like(s))
         y = torch.where(ok, y, torch.zeros_like(y))
-        shifted_s = torch.cat([self.s[1:], s[None]])
-        shifted_y = torch.cat([self.y[1:], y[None]])
+        shifted = torch.cat([self.s[1:], s[None], self.y[1:], y[None]])
         shifted_v = torch.cat([self.valid[1:], ok.reshape(1)])
-        self.s = torch.where(ok, shifted_s, self.s)
-        self.y = torch.where(ok, shifted_y, self.y)
+        self._sy = torch.where(ok, shifted, self._sy)
         self.valid = torch.where(ok, shifted_v, self.valid)
         if self.gamma_mode == "scaled":
             yy = torch.dot(y, y)
@@ -98,6 +129,14 @@ class LBFGSFactor(InverseFactor):
         self._refresh()
         return ok
 
+    def state_bytes(self) -> int:
+        """The pairs, flags and gamma, plus what is derived from them and held between steps
+        (R, D, Y^T Y, and the dense H where :attr:`uses_dense`)."""
+        held = [self._sy, self.valid, self.gamma, self._r, self._d, self._yy]
+        if self._dense is not None:
+            held.append(self._dense)
+        return sum(t.numel() * t.element_size() for t in held)
+
     def state_dict(self) -> dict[str, Any]:
         return {"s": self.s, "y": self.y, "valid": self.valid, "gamma": self.gamma}
 
@@ -105,8 +144,7 @@ class LBFGSFactor(InverseFactor):
         if state["s"].shape != self.s.shape:
             raise ValueError(f"L-BFGS memory shape {tuple(state['s'].shape)} does not match "
                              f"this optimizer's {tuple(self.s.shape)} (memory, dim)")
-        self.s = state["s"].to(self.device, self.dtype).clone()
-        self.y = state["y"].to(self.device, self.dtype).clone()
+        self._sy = torch.cat([state["s"], state["y"]]).to(self.device, self.dtype)
         self.valid = state["valid"].to(self.device).clone()
         self.gamma = state["gamma"].to(self.device, self.dtype).clone()
         self._refresh()
