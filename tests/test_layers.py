@@ -117,3 +117,13 @@ def test_hooks_idle_without_grad_and_when_phase_none():
     hooks.phase = None
     lin(torch.randn(4, 3)).sum().backward()
     assert hooks.slots["current"].inp is None
+
+
+@pytest.mark.parametrize("d", [5, 768, 1001])
+def test_add_gram_blocked_equals_full_product(d):
+    from kfqn.layers.base import add_gram_
+    g = torch.Generator().manual_seed(d)
+    a = torch.randn(40, d, dtype=torch.float64, generator=g)
+    base = torch.randn(d, d, dtype=torch.float64, generator=g)
+    out = add_gram_(base.clone(), a, 0.5)
+    torch.testing.assert_close(out, base + 0.5 * a.T @ a, rtol=1e-12, atol=1e-12)

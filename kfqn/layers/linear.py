@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kfqn.layers.base import LayerAdapter
+from kfqn.layers.base import LayerAdapter, add_gram_
 
 
 class LinearAdapter(LayerAdapter):
@@ -48,10 +48,7 @@ class LinearAdapter(LayerAdapter):
             zero = torch.zeros((), dtype=a.dtype, device=a.device)
             a, n = torch.where(mask, a, zero), torch.where(mask, n, zero)
         d = a.shape[1]
-        if self.has_bias:   # a product into the strided (d, d) block of out runs ~2x slower
-            out[:d, :d].add_(a.T @ a, alpha=alpha)
-        else:
-            out.addmm_(a.T, a, alpha=alpha)
+        add_gram_(out[:d, :d], a, alpha)
         if self.has_bias:
             s = a.sum(0)
             out[:d, d].add_(s, alpha=alpha)
