@@ -7,10 +7,14 @@ import math
 import os
 import sys
 import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from kfqn.bench.cases import Case, make_batches
 from kfqn.bench.suite import MethodSpec, ModelSpec
@@ -103,6 +107,35 @@ class Result:
     transient_bytes: int | None = None
     memory_method: str = "off"
     error: str | None = None
+    #: CUDA: None = not checked; "" = one step ran under torch.cuda.set_sync_debug_mode("error")
+    #: without a host synchronisation; else where the first one happened
+    host_sync: str | None = None
+
+
+def _innermost_frame(exc: BaseException) -> str:
+    """'file:line in function' of the deepest traceback frame inside kfqn (else the deepest)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/kfqn/" in f.filename.replace("\\", "/")
+            and "/kfqn/bench/" not in f.filename.replace("\\", "/")]
+    f = (ours or frames)[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
+def check_host_sync(case: Case, x: Tensor, y: Tensor) -> str:
+    """One step of ``case`` with CUDA's sync debug mode set to error: "" when it never read
+    back from the device, else where the first synchronising call was made."""
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        case.step(x, y)
+        return ""
+    except RuntimeError as exc:
+        if "synchroniz" not in str(exc):
+            raise
+        return _innermost_frame(exc)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def _guard(result: Result, fn: Callable[[], Any]) -> None:
@@ -167,6 +200,13 @@ def bench_model(spec: ModelSpec, methods: Sequence[MethodSpec], suite: dict,
     finally:
         if gc_was:
             gc.enable()
+    if device.type == "cuda":
+        for r in live():
+            def sync_check(r: Result = r) -> None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "sync debug mode is a prototype feature"
+                    r.host_sync = check_host_sync(r.case, *batches[0])
+            _guard(r, sync_check)
     if memory:
         for r in live():
             meter = AllocationMeter(device)

@@ -63,6 +63,8 @@ def summarise(results: Sequence[Result], spec: ModelSpec, device: torch.device,
             resident = r.resident_bytes if r.resident_bytes is not None else rec["state_bytes"]
             rec["peak_bytes"] = 2 * rec["param_bytes"] + resident + r.transient_bytes
         rec["memory_method"] = r.memory_method
+        rec["host_syncs"] = None if r.host_sync is None else int(bool(r.host_sync))
+        rec["host_sync_at"] = r.host_sync or None
         records.append(rec)
     ref = next((x for x in records if x["preset"] == REFERENCE and x["error"] is None), None)
     tref = next((x for x in records if x["preset"] == TORCH_REFERENCE and x["error"] is None),
@@ -85,6 +87,8 @@ def evaluate_targets(records: Sequence[dict], targets: Sequence[dict]) -> list[d
     devices = sorted({r["device"] for r in records}) or ["cpu"]
     for t in targets:
         for dev in devices:
+            if dev not in t.get("devices", [dev]):
+                continue
             rec = next((r for r in records if r["preset"] == t["method"]
                         and r["model"] == t["model"] and r["device"] == dev), None)
             value = None if rec is None else rec.get(t["metric"])

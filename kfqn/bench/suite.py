@@ -71,6 +71,11 @@ def load_suite(path: Path | None = None) -> dict:
     return suite
 
 
+#: record fields a target may bound
+TARGET_METRICS = ("ratio_to_adam", "ratio_to_torch_adam", "state_ratio_to_adam",
+                  "peak_ratio_to_adam", "host_syncs")
+
+
 def load_targets(path: Path | None = None) -> list[dict]:
     """The target list (``benchmarks/targets.yaml`` unless ``path``)."""
     path = Path(path) if path else benchmarks_dir() / "targets.yaml"
@@ -79,6 +84,13 @@ def load_targets(path: Path | None = None) -> list[dict]:
         missing = {"id", "method", "model", "metric", "max"} - set(t)
         if missing:
             raise ConfigError(f"target {t.get('id', t)!r} lacks {', '.join(sorted(missing))}")
+        if t["metric"] not in TARGET_METRICS:
+            raise ConfigError(f"target {t['id']!r}: metric {t['metric']!r} is not one of "
+                              f"{', '.join(TARGET_METRICS)}")
+        bad = set(t.get("devices", [])) - {"cpu", "cuda"}
+        if bad:
+            raise ConfigError(f"target {t['id']!r}: devices {sorted(bad)} not allowed; "
+                              "allowed: cpu, cuda")
     return targets
 
 
