@@ -33,13 +33,10 @@ def _deterministic():
 
 
 
-#: LBFGSFactor keyword arguments that force each of its two product forms
-LBFGS_FORMS = {"dense": {"dense_factor": 10**9}, "compact": {"dense_factor": 0}}
-
-
-@pytest.fixture(params=sorted(LBFGS_FORMS))
+@pytest.fixture(params=["compact", "dense"])
 def lbfgs_form(request, monkeypatch) -> str:
     """Whole-optimizer tests: L-BFGS factors keep H dense between updates, or never do."""
     from kfqn.updates.lbfgs import LBFGSFactor
+    from strategies import LBFGS_FORMS
     monkeypatch.setattr(LBFGSFactor, "dense_factor", LBFGS_FORMS[request.param]["dense_factor"])
     return request.param

@@ -44,3 +44,7 @@ def curvature_pair(draw, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 def any_pair(draw, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, y) with no sign condition (for damping rules)."""
     return draw(vector(dim)), draw(vector(dim))
+
+
+#: LBFGSFactor keyword arguments that force each of its two product forms
+LBFGS_FORMS = {"dense": {"dense_factor": 10**9}, "compact": {"dense_factor": 0}}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LBFGS_FORMS
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kfqn.updates.bfgs import BFGSFactor, bfgs_inverse_update
 from kfqn.updates.lbfgs import LBFGSFactor
-from strategies import curvature_pair, spd
+from strategies import LBFGS_FORMS, curvature_pair, spd
 
 F64 = torch.float64
 

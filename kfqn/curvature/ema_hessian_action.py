@@ -92,7 +92,7 @@ class EMAHessianActionA(AEstimator):
         if inp.dtype != self.a.dtype:
             self.a = torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(inp), self.a)
             return
-        keep = torch.where(ok, torch.tensor(beta, dtype=self.a.dtype, device=self.a.device), 1.0)
+        keep = 1.0 - (1.0 - beta) * ok.to(self.a.dtype)   # beta where ok, else 1 (no H2D copy)
         self.a.mul_(keep)
         self.ctx.adapter.add_covariance_(self.a, inp, (1.0 - beta) / inp.shape[0], mask=ok)
 

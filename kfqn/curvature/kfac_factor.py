@@ -141,8 +141,9 @@ class KFACFactorMixin:
         self.inversions += 1
         st = self._stats
         st[f"{self.side}_inversion_fallback"] = res.fallback
-        st[f"{self.side}_damping"] = torch.as_tensor(gamma, dtype=self.ctx.dtype,
-                                                      device=self.ctx.device)
+        st[f"{self.side}_damping"] = (  # a python float goes by a fill, not a host-to-device copy
+            gamma.to(self.ctx.dtype) if isinstance(gamma, Tensor)
+            else torch.full((), gamma, dtype=self.ctx.dtype, device=self.ctx.device))
 
     def _inverse_or_identity(self) -> Tensor:
         self._refresh_inverse()
