@@ -20,6 +20,11 @@ Ratios (``ratio_to_adam``, ``state_ratio_to_adam``, ...) are taken against the `
 the registered ``adam`` preset when there is one, else ``torch.optim.Adam(betas=(0.9, 0.9))``;
 ``ratio_to_torch_adam`` is the step-time ratio against ``torch.optim.Adam`` itself (method
 ``adam_torch``), since kfqn's Adam fallback and torch's implementation need not cost the same.
+A step-time ratio is the median over the timed rounds of the paired ratio (this method's step
+over the reference's step in the same round: back to back, same batch), which cancels drifts of
+a shared machine's speed; ``ratio_of_medians_to_adam`` is the plain ratio of the two medians.
+On CUDA, one more step per method runs under ``torch.cuda.set_sync_debug_mode("error")``:
+``host_syncs`` is 1 if it read back from the device (``host_sync_at`` says where), else 0.
 
 On CUDA the phase times are host times (the optimizer does not synchronise inside ``step``); the
 step time itself is measured between ``torch.cuda.synchronize()`` calls. The targets in

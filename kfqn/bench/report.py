@@ -69,12 +69,26 @@ def summarise(results: Sequence[Result], spec: ModelSpec, device: torch.device,
     ref = next((x for x in records if x["preset"] == REFERENCE and x["error"] is None), None)
     tref = next((x for x in records if x["preset"] == TORCH_REFERENCE and x["error"] is None),
                 None)
+    times = {r.case.method.label: r.times for r in results if r.error is None}
     for rec in records:
-        rec["ratio_to_adam"] = _ratio(rec["step_ms_median"], ref and ref["step_ms_median"])
-        rec["ratio_to_torch_adam"] = _ratio(rec["step_ms_median"], tref and tref["step_ms_median"])
+        rec["ratio_of_medians_to_adam"] = _ratio(rec["step_ms_median"],
+                                                 ref and ref["step_ms_median"])
+        rec["ratio_to_adam"] = _paired_ratio(times.get(rec["preset"]), times.get(REFERENCE))
+        rec["ratio_to_torch_adam"] = _paired_ratio(times.get(rec["preset"]),
+                                                   times.get(TORCH_REFERENCE))
         rec["state_ratio_to_adam"] = _ratio(rec["state_bytes"], ref and ref["state_bytes"])
         rec["peak_ratio_to_adam"] = _ratio(rec["peak_bytes"], ref and ref["peak_bytes"])
     return records
+
+
+def _paired_ratio(times: Sequence[float] | None, ref: Sequence[float] | None) -> float | None:
+    """Median over timed rounds of (this method's step time / the reference's in the same
+    round). Every round runs all methods back to back on the same batch, so a pair shares the
+    machine's state; pairing cancels drifts of a shared machine's speed that the ratio of the
+    two medians would keep."""
+    if not times or not ref or len(times) != len(ref):
+        return None
+    return statistics.median(t / r for t, r in zip(times, ref) if r > 0)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
