@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfqn.updates.base import InverseFactor, admissible
+from kfqn.updates.base import InverseFactor
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -51,20 +51,22 @@ class BFGSFactor(InverseFactor):
         return m @ self.h.T
 
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
-        hy = self.h @ y
-        sy = torch.dot(s, y)
-        ok = admissible(s, y, allow)
-        rho = 1.0 / torch.where(ok, sy, torch.ones_like(sy))
-        coef = rho * rho * torch.dot(y, hy) + rho
-        s_max = s.abs().amax()
-        bound = coef.abs() * s_max * s_max + 2.0 * rho.abs() * s_max * hy.abs().amax()
-        ok = ok & torch.isfinite(bound) & (bound < torch.finfo(self.h.dtype).max / 4)
-        zero = torch.zeros((), dtype=s.dtype, device=s.device)
-        s0, hy0 = torch.where(ok, s, zero), torch.where(ok, hy, zero)
-        rho0, coef0 = torch.where(ok, rho, zero), torch.where(ok, coef, zero)
-        u = torch.stack([s0, hy0], dim=1)
-        v = torch.stack([coef0 * s0 - rho0 * hy0, -rho0 * s0], dim=1)
-        self.h.addmm_(u, v.T)
+        # few torch calls on purpose: on a GPU each costs a kernel launch from Python
+        u = torch.stack([s, self.h @ y], dim=1)              # U = [s, Hy]
+        sy, yhy = (y @ u).unbind()                           # s^T y, y^T H y
+        s_max, hy_max = u.abs().amax(0).unbind()             # NaN / inf propagate
+        ok = sy > 0 if allow is None else (sy > 0) & allow
+        rho = 1.0 / torch.where(ok, sy, 1.0)
+        coef = (rho * yhy + 1.0) * rho
+        # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|; a
+        # non-finite s, y or Hy makes the bound NaN or inf, and the comparison false
+        bound = (coef.abs() * s_max + 2.0 * rho.abs() * hy_max) * s_max
+        ok = ok & (bound < torch.finfo(self.h.dtype).max / 4)
+        # H += U C U^T with C = [[c, -rho], [-rho, 0]]; C = 0 and U = 0 where not ok, so a
+        # rejected pair leaves H bitwise unchanged
+        c = torch.where(ok, torch.stack([coef, -rho, -rho, torch.zeros_like(rho)]), 0.0)
+        u = torch.where(ok, u, 0.0)
+        self.h.addmm_(u @ c.view(2, 2), u.T)
         return ok
 
     def dense(self) -> Tensor:
