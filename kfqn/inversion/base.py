@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Component
+from kfqn.core.finite import all_finite
 
 Damping = Union[float, Tensor]
 
@@ -47,11 +48,9 @@ def sym(a: Tensor) -> Tensor:
 
 
 def finite_or_zero(a: Tensor) -> Tensor:
-    """``a`` where every entry is finite, else the zero matrix (LAPACK must never see NaN).
-
-    The test is the finiteness of the sum (one fast reduction; a non-finite entry always makes
-    the sum non-finite, and a sum that overflows only makes the test conservative)."""
-    return torch.where(torch.isfinite(a.sum()), a, torch.zeros_like(a))
+    """``a`` where every entry is finite (:func:`kfqn.core.finite.all_finite`), else the zero
+    matrix (LAPACK must never see NaN)."""
+    return torch.where(all_finite(a), a, torch.zeros_like(a))
 
 
 def eigh_power(a: Tensor, damping: Damping, power: float, min_eig: float = 0.0

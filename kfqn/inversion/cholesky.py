@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option
+from kfqn.core.finite import all_finite
 from kfqn.inversion.base import (EIGH_FALLBACK, FIRST_PATH, FLOAT64_RETRY, SHIFTED_FALLBACK,
                                  Damping, Inversion, InversionResult, eigh_power, finite_or_zero,
                                  sym)
@@ -47,8 +48,7 @@ def cholesky_inverse(damped: Tensor) -> tuple[Tensor, Tensor]:
         eye = torch.eye(damped.shape[0], dtype=damped.dtype, device=damped.device)
         linv = torch.linalg.solve_triangular(chol, eye, upper=False)
         inv = linv.T @ linv
-    # the sum is non-finite whenever an entry is (a huge finite sum only makes this conservative)
-    return inv, (info == 0) & torch.isfinite(inv.sum())
+    return inv, (info == 0) & all_finite(inv)
 
 
 def gershgorin_shift(a: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from kfqn.core.components import Option
 from kfqn.updates.first_order import (MIN_FAST_EPS, Entry, Fallback, admissible,
-                                       no_bias_correction_step, norms, skip_flags)
+                                       kernel_steps, norms, skip_flags)
 
 
 def _tensors(state: dict[str, dict[str, Tensor]]) -> int:
@@ -92,10 +92,7 @@ class AdamFallback(Fallback):
         self.keep_bounds("m", names, m_n, m_b, run)
         self.keep_bounds("v", names, v_n, v_b, run)
         t = torch.stack([self.t[n] for n in names])
-        if self.opts.get("bias_correction", True):
-            steps = (t + 1).to(torch.float32).unbind(0)
-        else:
-            steps = [no_bias_correction_step(ps[0].device)] * len(ps)
+        steps = kernel_steps(t, self.opts.get("bias_correction", True))
         kernel = torch._fused_adam_ if inside else torch._fused_adamw_
         for p, g, m, v, step, skip in zip(ps, grads, ms, vs, steps, skip_flags(run)):
             kernel([p], [g], [m], [v], [], [step], lr=lr, beta1=b1, beta2=b2, weight_decay=wd,

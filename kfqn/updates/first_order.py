@@ -91,6 +91,14 @@ def fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def kernel_steps(t: Tensor, bias_correction: bool) -> list[Tensor]:
+    """The fused kernels' per-parameter step counts for the accepted-step counts ``t`` (a long
+    vector): t + 1 as float32 with bias correction, else :func:`no_bias_correction_step`."""
+    if bias_correction:
+        return list((t + 1).to(torch.float32).unbind(0))
+    return [no_bias_correction_step(t.device)] * t.numel()
+
+
 @functools.lru_cache(maxsize=None)
 def no_bias_correction_step(device: torch.device) -> Tensor:
     """A step count for the fused kernels at which beta^t = 0 for every beta < 1: their bias

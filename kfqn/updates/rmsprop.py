@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kfqn.core.components import Option
 from kfqn.core.momentum import momentum_update
 from kfqn.updates.first_order import (MIN_FAST_EPS, Entry, Fallback, admissible,
-                                       no_bias_correction_step, norms, skip_flags)
+                                       kernel_steps, norms, skip_flags)
 
 
 class RMSpropFallback(Fallback):
@@ -110,10 +110,7 @@ class RMSpropFallback(Fallback):
         self.keep_bounds("v", names, v_n, v_b, run)
         self.keep_bounds("buf", names, b_n, b_b, run)
         t = torch.stack([self.t[n] for n in names])
-        if self.opts.get("bias_correction", False):
-            steps = (t + 1).to(torch.float32).unbind(0)
-        else:
-            steps = [no_bias_correction_step(ps[0].device)] * len(ps)
+        steps = kernel_steps(t, self.opts.get("bias_correction", False))
         started = torch.stack([self.started[n] for n in names])
         skip_run = skip_flags(run)
         if ema and rho:
