@@ -1,11 +1,13 @@
-"""Built-in presets: every YAML file in ``configs/optimizer`` (SPEC §4).
+"""Built-in presets: every YAML file shipped in the package folder ``kfqn/presets`` (SPEC §4).
 
-The folder is the repository's top-level ``configs/optimizer``; ``KFQN_CONFIG_DIR`` points
-elsewhere (a folder holding ``optimizer/``).
+The files are package data (``importlib.resources``), so a built wheel has them and presets
+resolve from any working directory. ``KFQN_CONFIG_DIR`` points elsewhere (a folder holding
+``optimizer/``), e.g. to try edited copies without reinstalling.
 """
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -14,17 +16,18 @@ from kfqn.core.components import Preset
 from kfqn.core.hookspecs import hookimpl
 
 
-def config_dir() -> Path:
-    """The configs folder: $KFQN_CONFIG_DIR or <repository>/configs."""
+def preset_dir() -> Path:
+    """The presets folder: $KFQN_CONFIG_DIR/optimizer, or the package's ``kfqn/presets``."""
     env = os.environ.get("KFQN_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if env:
+        return Path(env) / "optimizer"
+    return Path(str(resources.files("kfqn") / "presets"))
 
 
 @hookimpl
 def kfqn_presets() -> list:
-    folder = config_dir() / "optimizer"
     presets = []
-    for path in sorted(folder.glob("*.yaml")):
+    for path in sorted(preset_dir().glob("*.yaml")):
         with open(path) as fh:
             head = yaml.safe_load(fh) or {}
         presets.append(Preset(path.stem, str(head.get("description", "")), path))
