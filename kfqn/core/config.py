@@ -31,8 +31,12 @@ TOP_LEVEL: dict[str, Option | Sub] = {
     "momentum": Option(0.9, "momentum rho (param-group default)", type=float, low=0.0, high=1.0,
                        open_high=True),
     "momentum_form": Option("ema", "'ema': Mhat <- rho Mhat + (1-rho) G; 'torch': Mhat <- rho Mhat + G"
-                            " (both start from Mhat = G, like torch.optim.SGD)",
+                            "",
                             choices=["ema", "torch"]),
+    "momentum_init": Option("zero", "start of the momentum buffer: 'zero' (Mhat_0 = 0, so "
+                            "Mhat_1 = (1-rho) G_1 in the ema form; the P2 authors' code) or "
+                            "'first' (Mhat_1 = G_1, like torch.optim.SGD)",
+                            choices=["zero", "first"]),
     "weight_decay": Option(0.0, "L2 coefficient tau (param-group default)", type=float, low=0.0),
     "weight_decay_mode": Option("inside", "'inside': tau*theta added to the gradient before "
                                 "momentum and preconditioning; 'outside': -tau*theta added to P",
