@@ -1,4 +1,5 @@
-"""Independent dense float64 reference of the K-BFGS family (SPEC §3-4), written from the SPEC.
+"""Independent dense float64 reference of the K-BFGS family (docs/algorithms.md §3-4), written
+from the algorithm specification (the P2 starts and skip rules of the authors' public code).
 
 The reference never calls library code; only the driver ``compare_with_library`` at the end
 imports kfqn, to run the optimizer under test side by side. A tiny network is described as a list of stages
@@ -12,17 +13,20 @@ Readings of the SPEC taken here (see the tests' docstrings and the report):
 * homogeneous layout Wbar = [W reshaped (d_g, d_a - 1), b], abar = [a; 1];
 * g_{i,t} = m * dL/dh_{i,t} (L the mean-reduced, unregularised loss); hbar, gbar, v are means
   over samples and positions; A = (1/m) sum_i sum_t abar abar^T (sum over positions);
-* momentum: Mhat = G at the first step, then Mhat <- rho Mhat + (1 - rho) G with
-  G = Mbar + tau Wbar (weight decay inside, biases included); P = -H_g Mhat H_a;
+* momentum: Mhat_0 = 0 (``momentum_init='zero'``; 'first': Mhat = G at the first step), then
+  Mhat <- rho Mhat + (1 - rho) G with G = Mbar + tau Wbar (weight decay inside, biases
+  included); P = -H_g Mhat H_a;
 * ``ema_hessian_action`` (kbfgs): warm start A0 = per-sample mean over the whole warm-start
   data, H_a = (A0 + sqrt(lambda) I)^{-1}; after every step k: (k > 0) A <- beta A + (1-beta)
-  A_batch(theta_k); A_LM = A + sqrt(lambda) I; v = mean abar; s = H_a v; y = A_LM s; BFGS
-  (skipped if s^T y <= 0; no damping, no norm gate on the A side);
+  A_batch(theta_k); A_LM = A + sqrt(lambda) I; v = mean abar; s = H_a v; y = A_LM s; BFGS,
+  skipped if s^T y <= 0 or (``a_norm_gate``) s^T y <= 1e-4 ||s||^2 ||v||; no damping;
 * ``minibatch_hessian_action`` (kfbfgs_cnn): H_a = (A_batch0 + sqrt(lambda) I)^{-1} at step 0
   before the direction; after each step s = H_a v, y = A_batch s + sqrt(lambda) s, Powell
   (mu1 = 0.2) with the current H_a, BFGS;
 * ``secant_pairs``: pair (hbar(theta) - hbar(theta+), gbar(theta) - gbar(theta+)); EMA 0.9
-  started by the first pair (buffers hold undamped averages); damping (DD or DDV2) with the
+  started at zero (``ema_init='zero'``; 'first': started by the first pair; buffers hold
+  undamped averages); damping (DD or DDV2; Powell fires on s^T y <= mu1 y^T H y and DD's second
+  stage on s^T y <= mu2 s^T s, non-strict as in the authors' code) with the
   current H_g; optional norm gate s^T y <= eps ||s||^2 ||gbar(theta)||; BFGS or L-BFGS
   (gamma = 1, FIFO memory of accepted pairs). ``extra_pass``: theta+ is the new iterate on the
   same minibatch; ``next_iterate``: at step k >= 1 the pair (hbar_{k-1} - hbar_k,
@@ -105,7 +109,7 @@ class LBFGSInverse:
 # -- damping ---------------------------------------------------------------------------------------
 def powell(s: Tensor, y: Tensor, Hy: Tensor, mu1: float, log: list, tag: str) -> Tensor:
     sy, yHy = torch.dot(s, y), torch.dot(y, Hy)
-    if sy < mu1 * yHy:
+    if sy <= mu1 * yHy:
         theta = (1.0 - mu1) * yHy / (yHy - sy)
         s = theta * s + (1.0 - theta) * Hy
         log.append(f"{tag}:powell")
@@ -119,7 +123,7 @@ def damp(kind: str, s: Tensor, y: Tensor, Hinv, mu1: float, mu2: float, log: lis
     s = powell(s, y, Hinv.mv(y), mu1, log, tag)
     if kind == "dd":
         sy, ss = torch.dot(s, y), torch.dot(s, s)
-        if sy < mu2 * ss:
+        if sy <= mu2 * ss:
             theta2 = (1.0 - mu2) * ss / (ss - sy)
             y = theta2 * y + (1.0 - theta2) * s
             log.append(f"{tag}:dd2")
@@ -240,6 +244,8 @@ def capture(net: list, x: Tensor, target: Tensor, loss_kind: str) -> tuple[float
         loss = 0.5 * ((a - target.to(DT)) ** 2).sum(1).mean()
     elif loss_kind == "ce":
         loss = F.cross_entropy(a, target)
+    elif loss_kind == "sigmoid_ce":  # P2 autoencoders: summed over pixels, mean over samples
+        loss = F.binary_cross_entropy_with_logits(a, target.to(DT), reduction="sum") / a.shape[0]
     else:
         raise ValueError(loss_kind)
     grads = torch.autograd.grad(loss, hs + params)
@@ -348,6 +354,10 @@ class RefConfig:
     lam: float = 0.3
     mu1: float = 0.2
     conv_split: str = "sqrt"             # or "sqrt_T"
+    momentum_init: str = "zero"          # or "first"
+    ema_init: str = "zero"               # or "first"
+    a_norm_gate: bool = True             # ema_hessian_action only
+    a_norm_gate_eps: float = 1e-4
 
 
 PRESETS = {
@@ -394,7 +404,7 @@ class ReferenceKBFGS:
         positions = [1] * len(self.states)
         for xb in batches:
             dummy = torch.zeros(xb.shape[0], dtype=torch.long) if self.loss_kind == "ce" else \
-                torch.zeros(xb.shape[0], self.net[-1].d_g, dtype=DT)
+                torch.zeros(xb.shape[0], self.net[-1].d_g, dtype=DT)  # the loss is not used
             _, caps = capture(self.net, xb, dummy, self.loss_kind)
             m = xb.shape[0]
             for j, cap in enumerate(caps):
@@ -410,9 +420,11 @@ class ReferenceKBFGS:
     # G side
     def _g_pair(self, st: LayerState, s: Tensor, y: Tensor, g_ref: Tensor, tag: str) -> None:
         c = self.cfg
-        if st.s_avg is None:
+        if st.s_avg is None and c.ema_init == "first":
             st.s_avg, st.y_avg = s.clone(), y.clone()
         else:
+            if st.s_avg is None:
+                st.s_avg, st.y_avg = torch.zeros_like(s), torch.zeros_like(y)
             st.s_avg = c.pair_ema * st.s_avg + (1 - c.pair_ema) * s
             st.y_avg = c.pair_ema * st.y_avg + (1 - c.pair_ema) * y
         sd, yd = damp(c.g_damping, st.s_avg, st.y_avg, st.H_g, c.mu1, self.mu2(st.T), self.log,
@@ -443,7 +455,12 @@ class ReferenceKBFGS:
         for st in self.states:
             Wbar = homogeneous(st.layer)
             G = st.cur.Mbar + c.tau * Wbar
-            st.Mhat = G.clone() if st.Mhat is None else c.rho * st.Mhat + (1 - c.rho) * G
+            if st.Mhat is None and c.momentum_init == "first":
+                st.Mhat = G.clone()
+            else:
+                if st.Mhat is None:
+                    st.Mhat = torch.zeros_like(G)
+                st.Mhat = c.rho * st.Mhat + (1 - c.rho) * G
             P = -(st.H_g.left(st.Mhat) @ st.H_a.H)
             set_homogeneous(st.layer, Wbar + c.lr * P)
         # A side after the step
@@ -456,6 +473,11 @@ class ReferenceKBFGS:
                 A_LM = st.A + self.lam_a(st.T) * torch.eye(st.A.shape[0], dtype=DT)
                 s_a = H_a.mv(st.cur.v)
                 y_a = A_LM @ s_a
+                sy_a = torch.dot(s_a, y_a)
+                if c.a_norm_gate and 0 < sy_a <= (c.a_norm_gate_eps * torch.dot(s_a, s_a)
+                                                  * torch.linalg.norm(st.cur.v)):
+                    self.log.append(f"{tag}:skip_gate")
+                    continue
             else:
                 s_a = H_a.mv(st.cur.v)
                 y_a = hessian_action(st.cur_cap, s_a, self.lam_a(st.T))
@@ -536,6 +558,8 @@ def compare_with_library(model: torch.nn.Sequential, preset: str, data: list, lo
     def loss_fn(out, yb):
         if loss_kind == "mse":
             return 0.5 * ((out - yb) ** 2).sum(1).mean()
+        if loss_kind == "sigmoid_ce":
+            return F.binary_cross_entropy_with_logits(out, yb, reduction="sum") / out.shape[0]
         return F.cross_entropy(out, yb)
 
     layer_names = [n for n, mod in model.named_modules()

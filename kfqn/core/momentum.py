@@ -1,13 +1,23 @@
 """Momentum and weight decay shared by preconditioned layers and the first-order fallback.
 
-SPEC §3: G = Mbar + tau * Wbar ("inside"); Mhat <- rho Mhat + (1 - rho) G ("ema") or
-Mhat <- rho Mhat + G ("torch", dampening 0). Mhat starts at G on the first accepted step,
+docs/algorithms.md §3: G = Mbar + tau * Wbar ("inside"); Mhat <- rho Mhat + (1 - rho) G
+("ema") or Mhat <- rho Mhat + G ("torch", dampening 0).
+
+Start (``momentum_init``): ``zero`` (default, the P2 authors' code): Mhat_0 = 0, so the first
+buffer is (1 - rho) G_1 in the EMA form; ``first``: Mhat starts at G on the first accepted step,
 exactly as ``torch.optim.SGD(momentum=rho, dampening=1-rho or 0)`` initialises its buffer.
+Both are one code path: a zero buffer that counts as already "started" is the zero start.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def initial_started(config: dict, device: torch.device | str) -> Tensor:
+    """The device flag ``started`` of a fresh (zero) momentum buffer: true for
+    ``momentum_init: zero`` (the zero buffer is the start), false for ``first``."""
+    return torch.tensor(config.get("momentum_init", "zero") == "zero", device=device)
 
 
 def momentum_update(buf: Tensor, grad: Tensor, started: Tensor, rho: float, form: str,

@@ -3,7 +3,7 @@
 For every preconditioned layer l (a module an adapter takes):
 
     G_l  = Mbar_l + tau Wbar_l                     (weight decay "inside")
-    Mhat <- rho Mhat + (1 - rho) G_l               (or torch form; starts at G_l)
+    Mhat <- rho Mhat + (1 - rho) G_l               (or torch form; starts at 0 or at G_l)
     P_l  = -H_g Mhat H_a                            (G side, then A side)
     theta_l <- theta_l + alpha P_l
 
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kfqn.core.assembly import ComponentBuilder
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
 from kfqn.core.finite import all_finite, all_finite_many
-from kfqn.core.momentum import momentum_update_
+from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.registry import Registry, default_registry
 from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
 from kfqn.layers.base import LayerAdapter
@@ -193,7 +193,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         hooks = CaptureHooks(module, adapter, keep_grad_output=bool(getattr(g, "needs_grad_output", False)),
                              keep_output=bool(getattr(g, "needs_sampled_grads", False)))
         zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=dev)
-        flag = torch.zeros((), dtype=torch.bool, device=dev)
+        flag = initial_started(self.config, dev)
         count = torch.zeros((), dtype=torch.long, device=dev)
         self.layers[name] = Layer(name, module, adapter, hooks, a, g, group, zeros, flag, count)
 

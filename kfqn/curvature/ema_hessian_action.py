@@ -5,6 +5,10 @@ pass over the training data (or, without it, set from the first batch); the EMA 
 skipped at iteration 0. A_LM = A + lambda_A I with lambda_A = sqrt(lambda). At iteration 0,
 H_a = A_LM^{-1}. After every step: v = mean_i abar, s_a = H_a v, y_a = A_LM s_a,
 H_a <- update(H_a, s_a, y_a); s_a^T y_a >= lambda_A ||s_a||^2 so no damping is needed.
+The update takes the same skip rules as H_g (the P2 authors' code): s_a^T y_a <= 0, a non-finite
+result, and the norm gate s_a^T y_a <= eps ||s_a||^2 ||v|| (``norm_gate``, on by default).
+
+A step that is skipped (non-finite loss or gradient) changes nothing, counters included.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ class EMAHessianActionA(AEstimator):
                              "(opt.warm_start()); otherwise from the first batch", type=bool),
         "update": Sub("factor_update", "bfgs", "update rule for H_a"),
         "damping": Sub("damping", "none", "damping of the (s_a, y_a) pair"),
+        "norm_gate": Option(True, "skip the H_a update when s_a^T y_a <= eps ||s_a||^2 ||v|| "
+                            "(P2 authors' code)", type=bool),
+        "norm_gate_eps": Option(1e-4, "eps of the norm gate", type=float, low=0.0),
         "inversion": Sub("inversion", "cholesky", "inverse of A_LM at iteration 0"),
     }
     subcomponents = {"update": "factor_update", "damping": "damping", "inversion": "inversion"}
@@ -40,7 +47,9 @@ class EMAHessianActionA(AEstimator):
         self.inversion = ctx.inversion(self.opts["inversion"])
         self.needs_warm_start = bool(self.opts["warm_start"])
         self.a: Tensor | None = None
-        self.ema_updates = 0
+        #: accepted steps seen (device); the EMA of A starts at the second one (iteration 0 keeps
+        #: the warm-start or first-batch A)
+        self.ema_updates = torch.zeros((), dtype=torch.long, device=ctx.device)
         self._warm = WarmStartSum()
 
     def _cov(self, inp: Tensor) -> Tensor:
@@ -74,14 +83,18 @@ class EMAHessianActionA(AEstimator):
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         ok = info.ok
-        if self.ema_updates > 0:  # iteration 0 uses the warm-start (or first-batch) A as it is
-            self._ema(cap.inp, ok)
-        self.ema_updates += 1
+        # iteration 0 uses the warm-start (or first-batch) A as it is
+        self._ema(cap.inp, ok & (self.ema_updates > 0))
+        self.ema_updates.add_(ok.long())
         v = self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype)
         s = self.factor.apply(v)
         y = torch.addmv(s, self.a, s, beta=info.lam_a)       # A_LM s = A s + lambda_A s
         damped = self.damping(s, y, self.factor.apply, info.lam_a)
-        accepted = self.factor.update(damped.s, damped.y, ok)
+        allow = ok
+        if self.opts["norm_gate"]:
+            sy, ss = torch.dot(damped.s, damped.y), torch.dot(damped.s, damped.s)
+            allow = ok & (sy > self.opts["norm_gate_eps"] * ss * torch.linalg.vector_norm(v))
+        accepted = self.factor.update(damped.s, damped.y, allow)
         self._stats["a_sy"] = torch.dot(damped.s, damped.y)
         self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (ok & ~accepted).long()
 
@@ -108,5 +121,6 @@ class EMAHessianActionA(AEstimator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         a = state["A"]
         self.a = None if a is None else a.to(self.ctx.device, self.ctx.dtype).clone()
-        self.ema_updates = int(state["ema_updates"])
+        self.ema_updates = torch.as_tensor(state["ema_updates"]).to(self.ctx.device,
+                                                                    torch.long).clone()
         self.factor.load_state_dict(state["factor"])

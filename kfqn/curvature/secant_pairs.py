@@ -5,9 +5,11 @@ positions, with g the per-sample pre-activation gradient. Source ``extra_pass`` 
 forward/backward on the same minibatch at theta+ = theta + alpha P. Source ``next_iterate``
 (R): the next step's forward/backward (next minibatch) closes the pair, no extra pass.
 
-Pairs are averaged by an EMA (decay ``ema``; the first pair initialises it; 0 switches it off)
-and the buffers hold the undamped averages. Damping (DD / DDV2 / Powell / none) uses the current
-H_g; then the update rule (BFGS / L-BFGS) updates H_g (H_g0 = I). The P2 norm gate skips the
+Pairs are averaged by an EMA (decay ``ema``; 0 switches it off) and the buffers hold the
+undamped averages. ``ema_init: zero`` (default, the P2 authors' code) starts the averages at
+sbar_0 = ybar_0 = 0, so sbar_1 = (1 - beta) s_1, sbar_2 = beta (1 - beta) s_1 + (1 - beta) s_2;
+``first`` starts them at the first pair (sbar_1 = s_1). Damping (DD / DDV2 / Powell / none)
+uses the current H_g; then the update rule (BFGS / L-BFGS) updates H_g (H_g0 = I). The P2 norm gate skips the
 update when s^T y <= eps ||s||^2 ||gbar(theta)||.
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ class SecantPairsG(GEstimator):
                          choices=["extra_pass", "next_iterate"]),
         "ema": Option(0.9, "EMA decay of (s, y); 0 = off (full-batch training)",
                       type=float, low=0.0, high=1.0, open_high=True),
+        "ema_init": Option("zero", "start of the pair averages: 'zero' (sbar_0 = ybar_0 = 0, "
+                           "the P2 authors' code) or 'first' (the first pair)",
+                           choices=["zero", "first"]),
         "damping": Sub("damping", "dd", "damping of the averaged pair"),
         "update": Sub("factor_update", "bfgs", "update rule for H_g"),
         "norm_gate": Option(True, "skip when s^T y <= eps ||s||^2 ||gbar|| (P2)", type=bool),
@@ -58,9 +63,12 @@ class SecantPairsG(GEstimator):
 
     def _absorb(self, s: Tensor, y: Tensor, g_ref: Tensor, allow: Tensor, mu2: float) -> None:
         beta = self.opts["ema"]
-        first = self.pairs == 0
-        s_new = torch.where(first, s, beta * self.s_avg + (1.0 - beta) * s)
-        y_new = torch.where(first, y, beta * self.y_avg + (1.0 - beta) * y)
+        s_new = beta * self.s_avg + (1.0 - beta) * s
+        y_new = beta * self.y_avg + (1.0 - beta) * y
+        if self.opts["ema_init"] == "first":
+            first = self.pairs == 0
+            s_new = torch.where(first, s, s_new)
+            y_new = torch.where(first, y, y_new)
         self.s_avg = torch.where(allow, s_new, self.s_avg)
         self.y_avg = torch.where(allow, y_new, self.y_avg)
         self.pairs = self.pairs + allow.long()

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from kfqn.core.components import Component
-from kfqn.core.momentum import momentum_update
+from kfqn.core.momentum import initial_started, momentum_update
 
 Entry = tuple[str, nn.Parameter, dict]
 
@@ -206,7 +206,7 @@ class MomentumFallback(Fallback):
         self.started: dict[str, Tensor] = {}
         for name, p, _ in entries:
             self.buf[name] = torch.zeros_like(p)
-            self.started[name] = torch.zeros((), dtype=torch.bool, device=p.device)
+            self.started[name] = initial_started(config, p.device)
         self.track({"buf": self.buf})
 
     @torch.no_grad()

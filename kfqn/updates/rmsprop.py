@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from kfqn.core.components import Option
-from kfqn.core.momentum import momentum_update
+from kfqn.core.momentum import initial_started, momentum_update
 from kfqn.updates.first_order import (MIN_FAST_EPS, Entry, Fallback, admissible,
                                        kernel_steps, norms, skip_flags)
 
@@ -54,7 +54,7 @@ class RMSpropFallback(Fallback):
             self.buf[name] = torch.zeros_like(p)
             if self.opts.get("centered", False):
                 self.mu[name] = torch.zeros_like(p)
-            self.started[name] = torch.zeros((), dtype=torch.bool, device=p.device)
+            self.started[name] = initial_started(config, p.device)
             self.t[name] = torch.zeros((), dtype=torch.long, device=p.device)
         self.track({"v": self.v, "buf": self.buf})
 
