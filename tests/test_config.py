@@ -16,8 +16,10 @@ def test_presets_resolve_with_every_spec_option():
     cfg = resolve_config("kbfgs", REG)
     assert cfg["a_side"]["name"] == "ema_hessian_action" and cfg["a_side"]["warm_start"] is True
     assert cfg["g_side"] == {"name": "secant_pairs", "source": "extra_pass", "ema": 0.9,
+                             "ema_init": "zero",
                              "damping": {"name": "dd", "mu1": 0.2}, "update": {"name": "bfgs"},
                              "norm_gate": True, "norm_gate_eps": 1e-4}
+    assert cfg["momentum_init"] == "zero" and cfg["a_side"]["norm_gate"] is True
     cfg = resolve_config("kbfgs_l", REG)
     assert cfg["g_side"]["update"] == {"name": "lbfgs", "memory": 100, "gamma": "one"}
     assert cfg["name"] == "kbfgs_l" and cfg["a_side"]["name"] == "ema_hessian_action"

@@ -45,9 +45,9 @@ def _compare(spec: dict, make_ref, steps: int = 6, model_fn=cnn, rtol=1e-5, atol
 
 
 @pytest.mark.parametrize("spec,ref", [
-    ({"preset": "sgd_m", "weight_decay": 1e-3},
+    ({"preset": "sgd_m", "weight_decay": 1e-3, "momentum_init": "first"},
      lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.9, weight_decay=1e-3)),
-    ({"preset": "sgd_m", "momentum_form": "torch", "lr": 0.05},
+    ({"preset": "sgd_m", "momentum_form": "torch", "lr": 0.05},  # zero start == torch's here
      lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-5)),
     ({"preset": "adam", "weight_decay": 1e-3},
      lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.9, 0.9), eps=1e-8, weight_decay=1e-3)),
@@ -69,12 +69,14 @@ def test_preset_equals_torch_optimizer(spec, ref):
     _compare(spec, ref)
 
 
-def test_p2_rmsprop_momentum_is_an_ema_of_the_scaled_gradient():
+@pytest.mark.parametrize("init", ["zero", "first"])
+def test_p2_rmsprop_momentum_is_an_ema_of_the_scaled_gradient(init):
     """The preset's P2 setting: v <- 0.9 v + 0.1 g^2, u = g / (sqrt(v) + eps),
-    b <- 0.9 b + 0.1 u (b starts at u), theta <- theta - lr b."""
+    b <- 0.9 b + 0.1 u (b starts at 0, as in the P2 code; at u with momentum_init=first),
+    theta <- theta - lr b."""
     x, y = teacher_data(48)
     model = small_cnn()
-    opt = kfqn.build_optimizer(model, "rmsprop", weight_decay=0.0)
+    opt = kfqn.build_optimizer(model, "rmsprop", weight_decay=0.0, momentum_init=init)
     w = model[0].weight
     v = torch.zeros_like(w)
     buf = None
@@ -84,8 +86,28 @@ def test_p2_rmsprop_momentum_is_an_ema_of_the_scaled_gradient():
         g = w.grad
         v = 0.9 * v + 0.1 * g * g
         u = g / (v.sqrt() + 1e-8)
-        buf = u if buf is None else 0.9 * buf + 0.1 * u
+        if buf is None:
+            buf = u if init == "first" else 0.1 * u
+        else:
+            buf = 0.9 * buf + 0.1 * u
         torch.testing.assert_close(w.detach(), before - 1e-3 * buf, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["ema", "torch"])
+def test_sgd_m_zero_start(form):
+    """sgd_m's default start (the P2 code): b_0 = 0, b <- 0.9 b + c g (c = 0.1 'ema', 1
+    'torch'), theta <- theta - lr b; so the first step is 0.1 lr g in the EMA form."""
+    x, y = teacher_data(48)
+    model = small_cnn()
+    opt = kfqn.build_optimizer(model, "sgd_m", weight_decay=0.0, momentum_form=form)
+    w = model[0].weight
+    buf = torch.zeros_like(w)
+    c = 0.1 if form == "ema" else 1.0
+    for xb, yb in zip(x.split(16), y.split(16)):
+        before = w.detach().clone()
+        opt.step(make_closure(opt, model, xb, yb))
+        buf = 0.9 * buf + c * w.grad
+        torch.testing.assert_close(w.detach(), before - 0.1 * buf, rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=15, deadline=None)

@@ -287,7 +287,7 @@ def test_damping_split(split):
 def test_preconditioning_off_equals_momentum_sgd():
     x, y = teacher_data(64)
     m1, m2 = small_cnn(), small_cnn()
-    opt = kfqn.build_optimizer(m1, "kfac", lr=0.05, weight_decay=1e-3,
+    opt = kfqn.build_optimizer(m1, "kfac", lr=0.05, weight_decay=1e-3, momentum_init="first",
                                a_side={"precondition": False, "warm_start": False},
                                g_side={"precondition": False})
     ref = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, dampening=0.9,  # EMA form

@@ -50,4 +50,5 @@ def test_optimizer_direction_uses_both_factors():
         warnings.simplefilter("ignore")
         opt.step(closure)
     w1 = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1)
-    torch.testing.assert_close(w1 - w0, 0.5 * (-(m @ h_a)), rtol=1e-10, atol=1e-12)
+    mhat = 0.1 * m  # Mhat_1 = (1 - rho) G_1: the momentum starts at zero (momentum_init=zero)
+    torch.testing.assert_close(w1 - w0, 0.5 * (-(mhat @ h_a)), rtol=1e-10, atol=1e-12)

@@ -24,7 +24,7 @@ def test_identity_factors_reduce_to_momentum_sgd(preset, form, dampening, device
     x, y = x.to(device), y.to(device)
     m1, m2 = small_cnn().to(device), small_cnn().to(device)
     opt = kfqn.build_optimizer(m1, preset, lr=0.05, momentum=0.9, weight_decay=1e-3,
-                               momentum_form=form, factor_dtype="float32",
+                               momentum_form=form, momentum_init="first", factor_dtype="float32",
                                a_side={"update": "identity", "warm_start": False}
                                if preset.startswith("kbfgs") else {"update": "identity", "init": "identity"},
                                g_side={"update": "identity"})

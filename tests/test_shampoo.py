@@ -65,7 +65,8 @@ def test_statistics_are_sums_of_homogeneous_gradient_products():
 
 
 def test_first_step_is_the_shampoo_update():
-    """theta_1 = theta_0 - lr (Mbar Mbar^T + eps I)^(-1/4) Mbar (Mbar^T Mbar + eps I)^(-1/4)."""
+    """theta_1 = theta_0 - lr (Mbar Mbar^T + eps I)^(-1/4) Mhat_1 (Mbar^T Mbar + eps I)^(-1/4),
+    Mhat_1 = 0.1 Mbar (the momentum starts at zero)."""
     model = mlp()
     before = {n: torch.cat([m.weight, m.bias[:, None]], 1).detach().clone()
               for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -76,7 +77,7 @@ def test_first_step_is_the_shampoo_update():
     for name, mb in mbars(model).items():
         m = dict(model.named_modules())[name]
         after = torch.cat([m.weight, m.bias[:, None]], 1).detach()
-        step = root(mb @ mb.T, 1e-3) @ mb @ root(mb.T @ mb, 1e-3)
+        step = root(mb @ mb.T, 1e-3) @ (0.1 * mb) @ root(mb.T @ mb, 1e-3)
         torch.testing.assert_close(after, before[name] - 0.3 * step)
 
 
@@ -126,7 +127,8 @@ def test_grafting_gives_each_layer_the_sgd_momentum_step_length():
     params = list(model.parameters())
     for i, name in enumerate(["0", "2"]):
         dw = torch.cat([params[2 * i] - w0[2 * i], (params[2 * i + 1] - w0[2 * i + 1])[:, None]], 1)
-        torch.testing.assert_close(torch.linalg.norm(dw), 0.2 * torch.linalg.norm(mb[name]))
+        # SGD-momentum's step length: lr ||Mhat_1||, Mhat_1 = 0.1 Mbar (zero start)
+        torch.testing.assert_close(torch.linalg.norm(dw), 0.2 * torch.linalg.norm(0.1 * mb[name]))
         # ... while the direction is Shampoo's
         d = root(mb[name] @ mb[name].T, 1e-4) @ mb[name] @ root(mb[name].T @ mb[name], 1e-4)
         cos = (dw * -d).sum() / (torch.linalg.norm(dw) * torch.linalg.norm(d))
@@ -137,7 +139,7 @@ def test_grafting_gives_each_layer_the_sgd_momentum_step_length():
 def test_preconditioning_off_equals_momentum_sgd(grafting):
     x, y = teacher_data(64)
     m1, m2 = small_cnn(), small_cnn()
-    opt = kfqn.build_optimizer(m1, "shampoo", lr=0.05, weight_decay=1e-3,
+    opt = kfqn.build_optimizer(m1, "shampoo", lr=0.05, weight_decay=1e-3, momentum_init="first",
                                a_side={"precondition": False},
                                g_side={"precondition": False, "grafting": grafting})
     ref = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, dampening=0.9,  # EMA form
