@@ -2,14 +2,15 @@
 
 ::
 
-    kfqn train CONFIG [key=value ...]    one run (CONFIG: a YAML file, a name in
-                                         configs/experiment/, or a run directory)
+    kfqn train CONFIG [key=value ...]    one run (CONFIG: a YAML file, the name of a shipped
+                                         config such as quickstart, or a run directory)
     kfqn sweep CONFIG [key=value ...]    tasks x presets x grid x seeds, then the report
     kfqn report RUN_DIR                  tables and plots of a finished run or sweep
     kfqn components                      the registered components
 
 Exit status: 0 success; 1 a run diverged or failed; 2 a usage or configuration error (one
-line on stderr); 130 interrupted (resume with ``--resume``).
+line on stderr); 3 ``kfqn bench --strict``: a performance target missed; 130 interrupted
+(resume with ``--resume``).
 
 Subcommands are registered with :func:`register_command` (name -> help, add_arguments, run).
 An optional module ``kfqn.bench`` contributes ``kfqn bench`` when present: it must define
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from kfqn.core.errors import KfqnError
 
 
 @dataclass(frozen=True)
@@ -59,42 +61,87 @@ def _err(prog: str, exc: BaseException) -> None:
 
 # -- train -----------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("config", help="experiment YAML file, or a name in configs/experiment/"
-                   + (", or a run directory" if what == "run" else ""))
+    names = ", ".join(_experiment_names()) or "quickstart"
+    p.add_argument("config", help=f"experiment YAML file, or the name of a shipped config "
+                   f"({names})" + (", or a run directory" if what == "run" else
+                                   ", or a sweep directory (with --resume)"))
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. optimizer.lr=0.1 budget.epochs=5 "
-                        "data.options.n_train=2000")
+                        "data.options.n_train=2000; those that change the experiment name "
+                        "its directory (kbfgs-lr=0.1), so a new override is a new " + what)
     p.add_argument("--resume", action="store_true",
                    help=f"continue the {what} in its existing directory from its checkpoint(s)")
     p.add_argument("--overwrite", action="store_true",
-                   help=f"delete an existing {what} directory of the same name first")
+                   help=f"replace an existing {what} of the same directory (deleted only once "
+                        "the new config has been checked and built)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _experiment_names() -> list[str]:
+    try:
+        from kfqn.runner.config import experiment_names
+
+        return experiment_names()
+    except Exception:  # listing is a nicety of the help text
+        return []
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     _add_common(p, "run")
 
 
-def _prepare_dir(path: Path, marker: str, resume: bool, overwrite: bool, what: str,
-                 hint: str) -> None:
-    from kfqn.runner.errors import RunDirError
+def _flags(args: argparse.Namespace) -> None:
+    from kfqn.runner.errors import ConfigError
 
-    if not (path / marker).exists():
-        return
-    if overwrite:
-        shutil.rmtree(path)
-    elif not resume:
-        raise RunDirError(f"{what} directory {path} already exists; pass --resume to continue it, "
-                          f"--overwrite to start over, or {hint}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the "
+                          "existing run(s), --overwrite replaces them")
+
+
+def _overrides(args: argparse.Namespace):
+    """Command-line overrides, then those of $KFQN_OVERRIDES (CI and tests use it for budgets)."""
+    import os
+    import shlex
+
+    from kfqn.runner import config as C
+
+    cli_over = C.parse_overrides(args.overrides)
+    env = os.environ.get("KFQN_OVERRIDES", "").strip()
+    try:
+        env_over = C.parse_overrides(shlex.split(env)) if env else []
+    except C.ConfigError as exc:
+        raise C.ConfigError(f"$KFQN_OVERRIDES: {exc}") from None
+    return cli_over, cli_over + env_over
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    from kfqn.runner.errors import RunDirError
+    from kfqn.runner.rundir import is_run_dir, read_status
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory (check logging.root / "
+                          "logging.run_dir)")
+    if is_run_dir(run_dir):
+        if resume or overwrite:
+            return
+        status = (read_status(run_dir) or {}).get("status", "unknown")
+        raise RunDirError(f"run directory {run_dir} already holds a run (status {status}); "
+                          "pass --resume to continue it (budget.* may change), --overwrite to "
+                          "replace it, or change an override / set logging.run_dir=OTHER_DIR")
+    if overwrite and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirError(f"{run_dir} is not empty and holds no run; refusing to delete it with "
+                          "--overwrite: choose another logging.run_dir")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from kfqn.runner import config as C
-    from kfqn.runner.rundir import CONFIG, STATUS, run_path
+    from kfqn.runner.preflight import preflight
+    from kfqn.runner.rundir import CONFIG, run_path
     from kfqn.runner.sweep import sweep_dir_of
     from kfqn.runner.trainer import train_run
 
-    overrides = C.parse_overrides(args.overrides)
+    _flags(args)
+    cli_over, overrides = _overrides(args)
     src = Path(args.config)
     run_dir: Optional[Path] = None
     if src.is_dir() and (src / CONFIG).exists():  # a run directory: its own saved config
@@ -103,19 +150,33 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         base = C.base_config(C.find_config(args.config), overrides)
     cfg = C.compose_run(base, overrides)
+    preflight(cfg)  # every check that needs no data, before anything on disk changes
     preset = cfg.optimizer.preset
+    label = C.override_label(cli_over)
+    method = f"{preset}-{label}" if label else preset
     if run_dir is None:
         run_dir = Path(cfg.logging.run_dir) if cfg.logging.run_dir else run_path(
-            sweep_dir_of(base), cfg.task, preset, cfg.seed)
+            sweep_dir_of(base) / "train", cfg.task, method, cfg.seed)
     cfg.logging.run_dir = str(run_dir)
-    _prepare_dir(run_dir, STATUS, args.resume, args.overwrite, "run",
-                 "set logging.run_dir=OTHER_DIR")
-    label = f"{cfg.task + '/' if cfg.task else ''}{preset}/seed{cfg.seed}"
-    identity = {"task": cfg.task, "preset": preset, "method": preset, "seed": cfg.seed,
-                "grid": {}, "label": label}
-    result = train_run(cfg, run_dir, resume=args.resume, quiet=args.quiet, identity=identity)
+    _check_run_dir(run_dir, args.resume, args.overwrite)
+    name = f"{cfg.task + '/' if cfg.task else ''}{method}/seed{cfg.seed}"
+    identity = {"task": cfg.task, "preset": preset, "method": method, "seed": cfg.seed,
+                "grid": {}, "label": name, "process": "own"}
+    try:
+        result = train_run(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
+                           quiet=args.quiet, identity=identity)
+    except KfqnError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        where = run_dir / "error.txt"
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        tail = f" (traceback in {where})" if where.exists() else ""
+        print(f"kfqn train: run failed: {text}{tail}", file=sys.stderr)
+        return 1
     s = result.summary
-    print(f"{label}: {result.status}. {result.message}")
+    print(f"{name}: {result.status}. {result.message}")
     if s.get("final_train_loss") is not None and result.status != "diverged":
         line = f"final training loss (incl. L2) {s['final_train_loss']:.6g}"
         if s.get("final_test_accuracy") is not None:
@@ -132,60 +193,112 @@ def _run_train(args: argparse.Namespace) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     _add_common(p, "sweep")
     p.add_argument("-j", "--workers", type=int, default=None, metavar="N",
-                   help="run N runs in parallel worker processes (default: sweep.workers)")
+                   help="run N runs in parallel, each in a process of its own (default: "
+                        "sweep.workers)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from kfqn.runner import config as C
-    from kfqn.runner.errors import ConfigError
+    from kfqn.runner.errors import ConfigError, RunDirError
     from kfqn.runner.report import write_report
     from kfqn.runner.rundir import SWEEP
-    from kfqn.runner.sweep import expand, run_sweep, save_sweep_config, sweep_dir_of
+    from kfqn.runner.sweep import (SWEEP_CONFIG, check_existing, expand, run_sweep,
+                                   save_sweep_config, sweep_dir_of)
 
-    overrides = C.parse_overrides(args.overrides)
-    base = C.base_config(C.find_config(args.config), overrides)
+    _flags(args)
+    cli_over, overrides = _overrides(args)
+    src = Path(args.config)
+    if src.is_dir() and (src / SWEEP_CONFIG).exists():  # a sweep directory: its own record
+        if not args.resume and not args.dry_run:
+            raise RunDirError(f"{src} is a sweep directory; continue it with kfqn sweep {src} "
+                              "--resume, or give its config (file or name) for a new sweep")
+        base = C.base_config(src / SWEEP_CONFIG, overrides)
+        sweep_dir = src
+    else:
+        base = C.base_config(C.find_config(args.config), overrides)
+        named = any(k == "name" for k, _ in cli_over)
+        sweep_dir = sweep_dir_of(base, "" if named else C.override_label(cli_over))
     if args.workers is not None:
         if args.workers < 1:
             raise ConfigError(f"--workers {args.workers}: give a positive number of workers")
         base.sweep.workers = args.workers
-    sweep_dir = sweep_dir_of(base)
     specs = expand(base, overrides, sweep_dir)
     if args.dry_run:
         for s in specs:
             print(f"{s.label}  ->  {s.run_dir}")
-        print(f"{len(specs)} runs")
+        print(f"{len(specs)} runs in {sweep_dir}")
         return 0
-    _prepare_dir(sweep_dir, SWEEP, args.resume, args.overwrite, "sweep",
-                 "set name=OTHER_NAME (or logging.root=OTHER_ROOT)")
-    save_sweep_config(base, args.overrides, sweep_dir)
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise RunDirError(f"{sweep_dir} is a file, not a sweep directory (check logging.root)")
+    if (sweep_dir / SWEEP).exists() and not (args.resume or args.overwrite):
+        raise RunDirError(f"sweep directory {sweep_dir} already exists; pass --resume to continue "
+                          "it, --overwrite to replace its runs, or set name=OTHER_NAME (or "
+                          "logging.root=OTHER_ROOT)")
+    if args.resume and (sweep_dir / SWEEP_CONFIG).exists() and sweep_dir != src:
+        _check_sweep_record(sweep_dir / SWEEP_CONFIG, base)
+    check_existing(specs, args.resume, args.overwrite)
+    try:
+        if not (args.resume and (sweep_dir / SWEEP_CONFIG).exists()):
+            save_sweep_config(base, list(args.overrides), sweep_dir)
+    except OSError as exc:
+        raise RunDirError(f"cannot write the sweep directory {sweep_dir}: "
+                          f"{exc.strerror or exc} (check logging.root)") from None
     workers = int(base.sweep.workers)
-    print(f"sweep {sweep_dir}: {len(specs)} runs"
-          + (f" in {workers} worker processes" if workers > 1 else ""))
     fresh = bool(base.sweep.fresh_process)
+    print(f"sweep {sweep_dir}: {len(specs)} runs"
+          + (f", {workers} at a time" if workers > 1 else "")
+          + (", each in a process of its own" if fresh or workers > 1 else ""))
     records = run_sweep(specs, sweep_dir, workers=workers, resume=args.resume,
-                        quiet=args.quiet or workers > 1 or fresh, fresh_process=fresh)
-    if not args.no_report and records:
+                        overwrite=args.overwrite, quiet=args.quiet or workers > 1 or fresh,
+                        fresh_process=fresh)
+    statuses = [r["status"] for r in records]
+    interrupted = len(records) < len(specs) or "interrupted" in statuses
+    if not args.no_report and records and not interrupted:
         report = write_report(sweep_dir)
         print()
         print(report.markdown)
         print()
+        for note in report.notes:
+            print(note)
         print(f"report: {sweep_dir / 'report.md'} (tables also in report.csv, runs.csv)")
         print(f"plots:  {sweep_dir / 'plots'}/")
     print(f"TensorBoard: tensorboard --logdir {sweep_dir}   (then open http://localhost:6006)")
-    statuses = [r["status"] for r in records]
-    if len(records) < len(specs) or "interrupted" in statuses:
+    if interrupted:
         return 130
     return 1 if "failed" in statuses else 0
+
+
+def _check_sweep_record(path: Path, base) -> None:
+    """A resumed sweep must be the sweep its record describes (budgets etc. may change)."""
+    from kfqn.runner import config as C
+    from kfqn.runner.errors import RunDirError
+
+    old = C.to_dict(C.resolve(C.base_config(path)))
+    new = C.to_dict(C.resolve(base))
+    keep = {"sweep": ("presets", "seeds", "tasks", "grid")}
+    diff = []
+    for d in C.config_diff(old, new):
+        key = d.split(":")[0]
+        top = key.split(".")[0]
+        if top in C.RESUMABLE_SECTIONS and not (
+                top == "sweep" and key.split(".")[1:2] and key.split(".")[1] in keep["sweep"]):
+            continue
+        diff.append(d)
+    if diff:
+        raise RunDirError(f"cannot resume {path.parent}: the sweep was made with another config "
+                          f"({'; '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}); drop the "
+                          "new overrides, or start a new sweep with name=OTHER_NAME")
 
 
 # -- report ----------------------------------------------------------------------------------------
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a run or sweep directory (e.g. runs/quickstart)")
     p.add_argument("--target-loss", default=None, metavar="X",
-                   help="training loss for the time-to-target column: a number, 'auto' or "
-                        "'none' (default: report.target_loss of the runs)")
+                   help="training loss for the time-to-target column: a number, 'auto', "
+                        "'none', or per task: curves=150,digits=0.05 (default: "
+                        "report.target_loss of the runs)")
     p.add_argument("--time", choices=("cpu", "wall"), default=None,
                    help="x axis of the loss-vs-time plots (default: report.time of the runs)")
     p.add_argument("--out", default=None, help="write the report here instead of RUN_DIR")
@@ -193,20 +306,15 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from kfqn.runner.errors import ConfigError
-    from kfqn.runner.report import write_report
+    from kfqn.runner.report import parse_target, write_report
 
-    target = args.target_loss
-    if target is not None and target not in ("auto", "none"):
-        try:
-            target = float(target)
-        except ValueError:
-            raise ConfigError(
-                f"--target-loss {target!r}: give a number, 'auto' or 'none'") from None
+    target = None if args.target_loss is None else parse_target(args.target_loss)
     report = write_report(args.run_dir, args.out, target_loss=target, time_axis=args.time,
                           plots=not args.no_plots)
     print(report.markdown)
     print()
+    for note in report.notes:
+        print(note)
     for f in report.files:
         print(f"wrote {f}")
     return 0
@@ -278,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kfqn", description="Kronecker-factored quasi-Newton optimizers: "
                      "experiments, sweeps, reports.",
                      epilog="Exit status: 0 ok, 1 a run diverged or failed, 2 usage or config "
-                            "error, 130 interrupted.")
+                            "error, 3 kfqn bench --strict: a target missed, 130 interrupted. "
+                            "Algorithms: docs/algorithms.md.")
     from kfqn import __version__
 
     parser.add_argument("--version", action="version", version=f"kfqn {__version__}")
@@ -307,7 +416,6 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``kfqn`` console script; returns the exit status."""
-    from kfqn.core.errors import KfqnError
 
     args = parse(list(sys.argv[1:] if argv is None else argv))
     if not args.command:
@@ -323,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a failure, not a usage error: one line, status 1
+        _err(prog, RuntimeError(f"failed: {type(exc).__name__}: {exc}"))
+        return 1
 
 
 if __name__ == "__main__":

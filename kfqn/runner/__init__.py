@@ -3,7 +3,7 @@
 Command line: ``kfqn train | sweep | report | components`` (:mod:`kfqn.cli`). From Python::
 
     from kfqn.runner import config, train_run, write_report
-    base = config.base_config("configs/experiment/quickstart.yaml")
+    base = config.base_config(config.find_config("quickstart"))
     result = train_run(config.compose_run(base, task="digits"), "runs/my_run")
     write_report("runs/my_run")
 

@@ -17,7 +17,9 @@ When a fragment or override changes ``data.name`` or ``model.name``, that sectio
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -32,9 +34,25 @@ from kfqn.core.registry import close_matches
 FREE = "free"
 
 _num = (int, float)
+#: seeds go to torch, NumPy and Python alike; NumPy takes 32 bits
+MAX_SEED = 2**32 - 1
+
+
+class PerTaskOption(Option):
+    """An option that takes one value, or a mapping task -> value (``report.target_loss``)."""
+
+    per_task = True
+
+    def validate(self, key: str, value: Any) -> Any:
+        if isinstance(value, (DictConfig, Mapping)):
+            return {str(k): Option.validate(self, f"{key}.{k}", v) for k, v in value.items()}
+        return Option.validate(self, key, value)
+
+
 SCHEMA: dict[str, Any] = {
     "name": Option("experiment", "experiment name: runs go under <logging.root>/<name>", str),
-    "seed": Option(0, "seed of initialisation, data order and augmentation", int, low=0),
+    "seed": Option(0, "seed of initialisation, data order and augmentation", int, low=0,
+                   high=MAX_SEED),
     "device": Option("cpu", "where to train", choices=("cpu", "cuda", "auto")),
     "threads": Option(None, "torch intra-op threads (null: torch's default)", int, low=1,
                       nullable=True),
@@ -46,7 +64,8 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "name": Option(None, "registered data set (kfqn components)", str, nullable=True),
         "root": Option("${oc.env:KFQN_DATA,'~/.cache/kfqn'}", "where data sets live", str),
-        "seed": Option(0, "seed of generated data and of splits (not the run seed)", int, low=0),
+        "seed": Option(0, "seed of generated data and of splits (not the run seed)", int, low=0,
+                       high=MAX_SEED),
         "options": FREE,
         "batch_size": Option(128, "training minibatch size", int, low=1),
         "eval_batch_size": Option(1000, "batch size of evaluation passes", int, low=1),
@@ -100,9 +119,10 @@ SCHEMA: dict[str, Any] = {
                                            "(0: never)", _num, low=0),
     },
     "report": {
-        "target_loss": Option("auto", "training loss for the time-to-target column: a number, "
-                              "'auto' (worst final loss among methods) or null", (float, int, str),
-                              nullable=True),
+        "target_loss": PerTaskOption(
+            "auto", "training loss for the time-to-target column: a number, 'auto' (worst "
+            "final loss among methods) or null; or a mapping task -> one of those, e.g. "
+            "{curves: 150, digits: 0.05}", (float, int, str), nullable=True),
         "time": Option("cpu", "clock of the loss-vs-time plots", choices=("cpu", "wall")),
     },
     "sweep": {
@@ -113,10 +133,12 @@ SCHEMA: dict[str, Any] = {
                         nullable=True),
         "grid": FREE,
         "workers": Option(1, "runs in parallel (worker processes)", int, low=1),
-        "fresh_process": Option(False, "run every run in a new process (exact per-run peak "
-                                "memory; costs a few seconds of start-up per run)", bool),
-        "skip_missing_presets": Option(True, "skip (with a note) presets that are not "
-                                       "registered instead of failing", bool),
+        "fresh_process": Option(True, "run every run in a new process (each run's own peak "
+                                "memory; Ctrl-C checkpoints every running run; costs a few "
+                                "seconds of start-up per run)", bool),
+        "skip_missing_presets": Option(False, "skip (with a note) presets that are not "
+                                       "registered instead of failing (a name close to a "
+                                       "registered one is always an error)", bool),
     },
 }
 
@@ -144,19 +166,30 @@ def defaults() -> dict[str, Any]:
 
 
 # -- loading and overrides ---------------------------------------------------------------------
+def experiment_names() -> list[str]:
+    """Names of the experiment configs shipped in the package (``kfqn sweep quickstart``)."""
+    root = resources.files("kfqn.runner.experiments")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
 def find_config(ref: str | Path) -> Path:
-    """The config file for ``ref``: a path, or a bare name under ``./configs/experiment``."""
+    """The config file for ``ref``: a path to a YAML file, or the name of a shipped experiment
+    config (``quickstart``, ``p2_autoencoders``, ``p1_cifar``; package data, so any working
+    directory works)."""
     p = Path(ref)
     if p.is_file():
         return p
-    for cand in (Path("configs/experiment") / f"{ref}.yaml", Path("configs/experiment") / str(ref)):
-        if cand.is_file():
-            return cand
+    name = str(ref)[:-5] if str(ref).endswith(".yaml") else str(ref)
+    if name in experiment_names() and "/" not in name:
+        res = resources.files("kfqn.runner.experiments") / f"{name}.yaml"
+        return Path(str(res))
+    names = experiment_names()
     if p.is_dir():
-        raise ConfigError(f"{ref} is a directory without config.yaml; give a config file or a "
-                          "run directory")
-    raise ConfigError(f"config file {ref} not found (give a path, or a name in "
-                      "configs/experiment/, e.g. quickstart)")
+        raise ConfigError(f"{ref} is a directory without config.yaml or sweep.yaml; give a "
+                          f"config file, a run or sweep directory, or a shipped config name "
+                          f"({', '.join(names)})")
+    raise ConfigError(f"config file {ref} not found: give a path to a YAML file or the name of a "
+                      f"shipped config ({', '.join(names)})." + close_matches(name, names))
 
 
 def load_file(path: str | Path) -> DictConfig:
@@ -301,7 +334,7 @@ def validate(cfg: DictConfig, schema: Mapping[str, Any] = SCHEMA, prefix: str = 
         elif isinstance(spec, Option):
             if isinstance(value, ListConfig):
                 value = list(value)
-            if isinstance(value, DictConfig):
+            if isinstance(value, DictConfig) and not getattr(spec, "per_task", False):
                 raise ConfigError(f"{full} must be a single value; allowed: {spec.allowed()}")
             cfg[key] = spec.validate(full, value)
         else:
@@ -321,9 +354,62 @@ def _check_run(cfg: DictConfig) -> None:
     if not OmegaConf.select(cfg, "optimizer.preset", default=None):
         raise ConfigError("optimizer.preset is not set; name a preset (kfqn components lists "
                           "them), e.g. optimizer.preset=kbfgs")
+    check_name(cfg.name)
     t = cfg.report.target_loss
-    if isinstance(t, str) and t != "auto":
-        raise ConfigError(f"report.target_loss = {t!r}: give a number, 'auto' or null")
+    for key, v in (t.items() if isinstance(t, Mapping) else [("", t)]):
+        if isinstance(v, str) and v != "auto":
+            raise ConfigError(f"report.target_loss{'.' + key if key else ''} = {v!r}: give a "
+                              "number, 'auto' or null (or a mapping task -> one of those)")
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+,-]*$")
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is one safe path component (runs stay inside logging.root)."""
+    text = str(name)
+    if not _NAME_RE.match(text) or ".." in text:
+        raise ConfigError(f"name = {text!r} must be one directory name (letters, digits and "
+                          "._=+,- ; no '/' or '..') so that runs stay inside logging.root; "
+                          "use logging.root=DIR to put runs elsewhere")
+    return text
+
+
+#: overrides that do not change what a run computes: not part of derived directory names
+_LABEL_EXCLUDED = ("name", "task", "seed", "optimizer.preset", "logging", "eval", "report",
+                   "threads", "device", "budget", "sweep.workers", "sweep.fresh_process",
+                   "sweep.skip_missing_presets")
+
+
+def _label_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_label_value(x) for x in v)
+    if isinstance(v, Mapping):
+        return ",".join(f"{k}:{_label_value(x)}" for k, x in v.items())
+    return str(v)
+
+
+def override_label(overrides: Sequence[tuple[str, Any]], max_len: int = 60) -> str:
+    """A directory-name suffix for the overrides that change the experiment.
+
+    ``[("optimizer.lr", 0.1), ("budget.epochs", 3)]`` -> ``"lr=0.1"``: the last component of
+    each key (the full key where two would collide) and its value, joined by ``-``. Budget,
+    logging, eval, report, device, threads, seed, task and preset overrides are left out (seed,
+    task and preset are in the run path already; the rest may change on resume). Long labels
+    become a short hash. Empty when no override counts.
+    """
+    keep = [(k, v) for k, v in overrides
+            if not any(k == e or k.startswith(e + ".") for e in _LABEL_EXCLUDED)]
+    if not keep:
+        return ""
+    last = [k.rsplit(".", 1)[-1] for k, _ in keep]
+    parts = [f"{k if last.count(s) > 1 else s}={_label_value(v)}"
+             for (k, v), s in zip(keep, last)]
+    label = re.sub(r"[^A-Za-z0-9._=+,-]+", "_", "-".join(parts)).strip("_")
+    if len(label) > max_len:
+        digest = hashlib.sha1(repr(keep).encode()).hexdigest()[:8]
+        label = f"{label[:max_len - 9].rstrip('-_,')}-{digest}"
+    return label
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kfqn.core.errors import ConfigError, KfqnError
 
-__all__ = ["ConfigError", "DataUnavailableError", "RunDirError", "KfqnError"]
+__all__ = ["ConfigError", "DataError", "DataUnavailableError", "RunDirError", "KfqnError"]
 
 
 class DataUnavailableError(KfqnError, FileNotFoundError):
@@ -16,3 +16,7 @@ class DataUnavailableError(KfqnError, FileNotFoundError):
 
 class RunDirError(KfqnError, FileExistsError):
     """A run directory exists (or is missing) where the command expects the opposite."""
+
+
+class DataError(KfqnError, ValueError):
+    """A data set's content is unusable (e.g. NaN inputs); the message says which samples."""

@@ -1,6 +1,7 @@
 """PNG plots of a task's runs: training loss vs epoch and vs time, test metric vs epoch.
 
-One curve per method: the mean over its finished seeds on a common x grid (linear
+The loss axes are logarithmic when the losses span more than a factor 3; the accuracy
+axis is always linear. One curve per method: the mean over its finished seeds on a common x grid (linear
 interpolation between evaluations, up to the shortest seed), with the min-max band over seeds.
 Matplotlib runs with the Agg backend (no display needed).
 """
@@ -44,7 +45,7 @@ def _mean_band(curves: Sequence[tuple[np.ndarray, np.ndarray]]):
 
 
 def _plot(runs, x_key: str, x_label: str, y_key: str, y_label: str, title: str,
-          path: Path) -> Path | None:
+          path: Path, allow_log: bool = True) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -71,7 +72,7 @@ def _plot(runs, x_key: str, x_label: str, y_key: str, y_label: str, title: str,
         plt.close(fig)
         return None
     finite = [y for y in all_y if np.isfinite(y)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 3:
+    if allow_log and finite and min(finite) > 0 and max(finite) / min(finite) > 3:
         ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
@@ -98,6 +99,7 @@ def plot_task(runs, task: str, out_dir: Path, time_axis: str = "cpu") -> list[Pa
                        f"{task}: training loss vs time", out_dir / f"{name}_loss_vs_time.png"))
     classify = any(r.status.get("task_type") == "classification" for r in runs)
     y_key, y_label = ("test_accuracy", "test accuracy") if classify else ("test_loss", "test loss")
+    # accuracy on a linear axis: on a log axis curves near 1.0 lie on top of each other
     files.append(_plot(runs, "epoch", "epoch", y_key, y_label, f"{task}: {y_label} vs epoch",
-                       out_dir / f"{name}_test_vs_epoch.png"))
+                       out_dir / f"{name}_test_vs_epoch.png", allow_log=not classify))
     return [f for f in files if f is not None]

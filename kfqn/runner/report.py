@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 from kfqn.runner.errors import RunDirError
 from kfqn.runner.logs import read_csv
-from kfqn.runner.rundir import CONFIG, SWEEP, find_runs, read_status
+from kfqn.runner.rundir import CONFIG, STATUS, SWEEP, find_runs, read_status
 
 RUN_COLUMNS = (
     "task", "method", "preset", "seed", "status", "final_train_loss", "final_train_loss_no_l2",
@@ -74,6 +74,7 @@ class Report:
     files: list[Path] = field(default_factory=list)
     runs: list[dict[str, Any]] = field(default_factory=list)
     groups: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _float(v: Any) -> Optional[float]:
@@ -89,7 +90,7 @@ def collect(path: Path) -> list[RunData]:
     path = Path(path)
     if not path.exists():
         raise RunDirError(f"{path} does not exist; give a run or sweep directory (under runs/)")
-    dirs = _sweep_order(path, find_runs(path))
+    dirs = _sweep_runs(path) if (path / SWEEP).exists() else find_runs(path)
     if not dirs:
         raise RunDirError(f"{path} holds no runs (no status.json below it); is it the right "
                           "directory?")
@@ -108,14 +109,39 @@ def collect(path: Path) -> list[RunData]:
     return out
 
 
-def _sweep_order(path: Path, dirs: list[Path]) -> list[Path]:
-    """``dirs`` in the order of the sweep's ``sweep.json`` when there is one, else sorted."""
+def _sweep_runs(path: Path) -> list[Path]:
+    """The runs of the sweep at ``path``, in the order of its ``sweep.json`` (other run
+    directories below it, e.g. ``kfqn train`` runs under ``train/``, are not part of it)."""
     try:
         runs = json.loads((path / SWEEP).read_text())["runs"]
-        rank = {Path(r["run_dir"]).resolve(): i for i, r in enumerate(runs)}
+        dirs = [Path(r["run_dir"]) for r in runs]
     except (OSError, ValueError, KeyError, TypeError):
-        return dirs
-    return sorted(dirs, key=lambda d: (rank.get(d.resolve(), len(rank)), str(d)))
+        return find_runs(path)
+    return [d for d in dirs if (d / STATUS).exists()]
+
+
+def target_problems(runs: Sequence[RunData],
+                    targets: dict[str, Optional[float]]) -> dict[str, str]:
+    """Tasks whose target says nothing: every run starts below it, or none comes near it."""
+    out = {}
+    for task, target in targets.items():
+        if target is None:
+            continue
+        losses = [[row.get("train_loss") for row in r.curve if row.get("train_loss") is not None]
+                  for r in runs if r.task == task]
+        losses = [ls for ls in losses if ls]
+        if not losses:
+            continue
+        starts = [ls[0] for ls in losses]
+        best = min(min(ls) for ls in losses)
+        if all(st <= target for st in starts):
+            out[task] = (f"every run of {task} starts below the target {_fmt(target)} (initial "
+                         f"losses {_fmt(min(starts))}..{_fmt(max(starts))}): the time to target "
+                         "is not shown; give a lower target for this task")
+        elif best > target:
+            out[task] = (f"no run of {task} reaches the target {_fmt(target)} (best loss "
+                         f"{_fmt(best)}): give a higher target for this task")
+    return out
 
 
 def _time_to_target(run: RunData, target: Optional[float]) -> dict[str, Optional[float]]:
@@ -149,13 +175,56 @@ def _groups(runs: Sequence[RunData]) -> dict[tuple[str, str], list[RunData]]:
     return groups
 
 
+def parse_target(text: str) -> Any:
+    """``--target-loss``: ``auto``, ``none``, a number, or ``task=number,task=auto,...``."""
+    from kfqn.runner.errors import ConfigError
+
+    def one(v: str) -> Any:
+        if v in ("auto", "none"):
+            return v
+        try:
+            return float(v)
+        except ValueError:
+            raise ConfigError(f"--target-loss {text!r}: give a number, 'auto', 'none' or "
+                              "task=value pairs such as curves=150,digits=0.05") from None
+
+    if "=" not in text:
+        return one(text)
+    out = {}
+    for part in text.split(","):
+        task, sep, value = part.partition("=")
+        if not sep or not task.strip():
+            raise ConfigError(f"--target-loss {text!r}: give task=value pairs such as "
+                              "curves=150,digits=0.05")
+        out[task.strip()] = one(value.strip())
+    return out
+
+
+def _setting_for(setting: Any, task: str) -> Any:
+    if isinstance(setting, dict) or hasattr(setting, "items"):
+        return dict(setting).get(task, "auto")
+    return setting
+
+
 def resolve_targets(runs: Sequence[RunData], override: Any = None) -> dict[str, Optional[float]]:
     """Target loss per task (see the module docstring)."""
     targets: dict[str, Optional[float]] = {}
     groups = _groups(runs)
+    if isinstance(override, dict):
+        from kfqn.core.registry import close_matches
+        from kfqn.runner.errors import ConfigError
+
+        tasks = list(dict.fromkeys(r.task for r in runs))
+        for t in override:
+            if t not in tasks:
+                raise ConfigError(f"--target-loss: no task {t!r} in these runs; tasks: "
+                                  f"{', '.join(tasks)}." + close_matches(t, tasks))
     for task in dict.fromkeys(r.task for r in runs):
-        setting = override if override is not None else next(
-            (r.target_setting for r in runs if r.task == task), "auto")
+        if override is not None:
+            setting = _setting_for(override, task)
+        else:
+            setting = _setting_for(next((r.target_setting for r in runs if r.task == task),
+                                        "auto"), task)
         if setting is None or setting == "none":
             targets[task] = None
         elif setting == "auto":
@@ -287,8 +356,11 @@ def write_report(path: str | Path, out_dir: Optional[str | Path] = None,
     out = Path(out_dir) if out_dir else path
     out.mkdir(parents=True, exist_ok=True)
     targets = resolve_targets(runs, target_loss)
-    rows = run_rows(runs, targets)
-    groups = group_rows(runs, rows, targets)
+    flagged = target_problems(runs, targets)
+    shown = {t: (None if t in flagged and "starts below" in flagged[t] else v)
+             for t, v in targets.items()}
+    rows = run_rows(runs, shown)
+    groups = group_rows(runs, rows, shown)
     files = [_write_csv(out / "runs.csv", RUN_COLUMNS, rows),
              _write_csv(out / "report.csv", GROUP_COLUMNS, groups)]
     table = markdown_table(groups)
@@ -301,17 +373,37 @@ def write_report(path: str | Path, out_dir: Optional[str | Path] = None,
             plot_files += plot_task([r for r in runs if r.task == task], task, out / "plots",
                                     axis)
     files += plot_files
+    processes = {r.status.get("process", "shared") for r in runs}
+    if processes == {"own"}:
+        mem_note = ("'peak MB' = the peak resident memory of the run's own process (Python "
+                    "and torch included, about 300-400 MB of it)")
+    else:
+        mem_note = ("'peak MB' = the peak resident memory of the process during the run; some "
+                    "runs shared a process with earlier runs (sweep.fresh_process=false), whose "
+                    "leftovers count too: compare the '(+run)' growth, or rerun with "
+                    "sweep.fresh_process=true")
     md = [f"# Report: {path}", "",
           "Training loss = evaluated loss on the training set including the L2 term "
           "(tau/2)||theta||^2; mean ± std over seeds of the finished runs. "
           "'CPU s to target' = process CPU seconds of training until the loss first reached "
-          "the task's target loss (at an evaluation). 'peak MB' = the process's peak resident "
-          "memory during the run (Python and torch included; with sweep.fresh_process=false "
-          "also what earlier runs of the same worker kept), '(+run)' = its growth during the "
-          "run, 'opt. state MB' = the optimizer's own state.", ""]
+          "the task's target loss (at an evaluation). " + mem_note + "; '(+run)' = its growth "
+          "during the run, 'opt. state MB' = the optimizer's own state.", ""]
+    notes = []
     for task, t in targets.items():
-        md.append(f"- target loss for {task}: {_fmt(t) if t is not None else 'none'}")
+        line = f"- target loss for {task}: {_fmt(t) if t is not None else 'none'}"
+        if task in flagged:
+            line += f" (**{flagged[task]}**)"
+            notes.append(f"note: {flagged[task]}")
+        md.append(line)
     md += ["", table, ""]
+    for task in dict.fromkeys(r.task for r in runs):
+        task_runs = [r for r in runs if r.task == task]
+        if not any(r.ok for r in task_runs):
+            why = sorted({str(r.status.get("status")) for r in task_runs})
+            msg = (f"no run of {task} finished ({', '.join(why)}): no plots for {task}; the "
+                   "messages below say why")
+            notes.append(f"note: {msg}")
+            md += [f"**{msg}.**", ""]
     problems = [r for r in rows if r.get("status") not in ("finished", None)]
     if problems:
         md += ["## Runs that did not finish", ""]
@@ -322,4 +414,4 @@ def write_report(path: str | Path, out_dir: Optional[str | Path] = None,
         md += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plot_files]
     (out / "report.md").write_text("\n".join(md) + "\n")
     files.insert(2, out / "report.md")
-    return Report(table, files, rows, groups)
+    return Report(table, files, rows, groups, notes)

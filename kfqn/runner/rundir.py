@@ -30,7 +30,7 @@ FINAL_STATES = ("finished", "diverged")
 
 def slug(text: str) -> str:
     """``text`` made safe as one path component."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", str(text)).strip("_") or "_"
+    return re.sub(r"[^A-Za-z0-9._=+,-]+", "_", str(text)).strip("_") or "_"
 
 
 def run_path(root: Path, task: Optional[str], method: str, seed: int) -> Path:

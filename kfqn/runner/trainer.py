@@ -9,6 +9,7 @@ checkpointing are excluded.
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import threading
 import time
@@ -23,7 +24,8 @@ from omegaconf import DictConfig
 
 from kfqn.core.errors import ConfigError, KfqnError
 from kfqn.runner import config as cfgmod
-from kfqn.runner.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kfqn.runner.checkpoint import (load_checkpoint, remove_stale_temporaries, rng_state,
+                                    save_checkpoint, set_rng_state)
 from kfqn.runner.components import get_component, resolve_options
 from kfqn.runner.data.augment import make_augmentation
 from kfqn.runner.environment import configure_torch, derived_seeds, pick_device, seed_everything
@@ -31,7 +33,9 @@ from kfqn.runner.evaluation import evaluate, l2_coefficients, l2_term
 from kfqn.runner.loader import BatchLoader
 from kfqn.runner.logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, TensorBoardLog
 from kfqn.runner.memory import PeakMemory, state_megabytes
-from kfqn.runner.rundir import CONFIG, write_status
+from kfqn.runner.errors import DataError, RunDirError
+from kfqn.runner.preflight import preflight
+from kfqn.runner.rundir import CONFIG, STATUS, is_run_dir, read_status, write_status
 
 
 def build_optimizer(model: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
@@ -80,15 +84,18 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False,
-                 quiet: bool = False, identity: Optional[dict] = None,
+                 overwrite: bool = False, quiet: bool = False, identity: Optional[dict] = None,
                  on_step: tuple[Callable[["Trainer"], None], ...] = ()) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.overwrite = overwrite
+        self._started = False  # True once this run writes into run_dir
         self.quiet = quiet or not cfg.logging.progress
         self.identity = dict(identity or {})
         self.on_step = on_step
         self.state = _State()
+        self._bad_batch: Optional[int] = None
         self._stop_requested = False
         self._warned: set[str] = set()
 
@@ -104,22 +111,34 @@ class Trainer:
         except KfqnError:
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current step
-            if self.run_dir.exists():
-                write_status(self.run_dir, {**self._status_base(), "status": "interrupted",
+            if self._started:
+                write_status(self.run_dir, {**self._previous_summary(), **self._status_base(),
+                                            "status": "interrupted",
                                             "message": "aborted; --resume continues from the "
                                             "last checkpoint"})
             raise
         except Exception as exc:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "error.txt").write_text(traceback.format_exc())
-            msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            write_status(self.run_dir, {**self._status_base(), "status": "failed",
-                                        "message": msg})
+            if self._started:  # before that, nothing on disk belongs to this attempt
+                (self.run_dir / "error.txt").write_text(traceback.format_exc())
+                msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                write_status(self.run_dir, {**self._previous_summary(), **self._status_base(),
+                                            "status": "failed", "message": msg,
+                                            "error_file": str(self.run_dir / "error.txt")})
             raise
+
+    def _previous_summary(self) -> dict[str, Any]:
+        """The summary of the run's last recorded end (kept when a later attempt fails)."""
+        prev = getattr(self, "_previous", None) or {}
+        if prev.get("status") in ("finished", "diverged", "interrupted"):
+            return {"previous_status": prev.get("status"), **{
+                k: v for k, v in prev.items() if k not in ("status", "message", "updated")}}
+        return {}
 
     # -- set-up --------------------------------------------------------------------------------
     def _setup(self) -> Optional[dict]:
+        """Build everything; touches nothing on disk (apart from a data set's own cache)."""
         cfg = self.cfg
+        preflight(cfg)
         configure_torch(cfg.threads, cfg.deterministic)
         self.device = pick_device(cfg.device)
         seed_everything(cfg.seed)
@@ -130,6 +149,12 @@ class Trainer:
                                     "data.options")
         splits = self.data_comp.load(Path(cfg.data.root).expanduser(), cfg.data.seed,
                                      download=cfg.data.download, **data_opts)
+        _check_finite(splits, cfg.data.name)
+        n_train = len(splits.train)
+        if cfg.data.batch_size > n_train:
+            raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is larger than the "
+                              f"training set of {cfg.data.name!r} ({n_train} samples); give "
+                              f"data.batch_size <= {n_train} (= {n_train} is full batch)")
         self.splits = splits.to(self.device)
 
         self.model_comp = get_component("model", cfg.model.name, "model.name")
@@ -191,11 +216,33 @@ class Trainer:
                 "data": self.cfg.data.name, "model": self.cfg.model.name,
                 "preset": self.cfg.optimizer.get("preset")}
 
+    def _prepare_dir(self) -> None:
+        """Create the run directory; with ``overwrite``, first delete the run it holds (only
+        now, after the new run has been built: a bad config never costs the old run)."""
+        d = self.run_dir
+        if self.overwrite and d.exists():
+            if is_run_dir(d):
+                shutil.rmtree(d)
+            elif any(d.iterdir()):
+                raise RunDirError(f"{d} is not empty and holds no run (no {STATUS}); refusing "
+                                  "to delete it with --overwrite: choose another directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run directory {d}: {exc.strerror or exc} "
+                              "(check logging.root / logging.run_dir)") from None
+        remove_stale_temporaries(d)
+
     def _run(self) -> RunResult:
+        preflight(self.cfg)  # also sets derived keys, so that a resumed config compares equal
         if self.resume:
             self._check_resume_config()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._previous = read_status(self.run_dir)
         ckpt = self._setup()
+        if self.overwrite:
+            ckpt = None
+        self._prepare_dir()
+        self._started = True
         resumed = ckpt is not None
         if resumed:
             self._restore(ckpt)
@@ -284,6 +331,8 @@ class Trainer:
                     loss = self._train_step(xb, yb)
                     bar.advance()
                     if not math.isfinite(loss):
+                        if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                            self._bad_batch = self.loader.position - 1
                         stop = "diverged"
                         break
                     if s.step % cfg.logging.every_steps == 0:
@@ -308,6 +357,11 @@ class Trainer:
             message = (f"diverged at step {s.step} (epoch {self._epochs():.2f}): the training loss "
                        "is not finite. Logs are kept; the last good checkpoint is not "
                        "overwritten. Try a smaller lr or a larger damping.")
+            if self._bad_batch is not None:
+                status = "failed"
+                message = (f"the training data is not finite: batch {self._bad_batch} "
+                           f"(step {s.step}, epoch {self._epochs():.2f}) holds NaN or inf "
+                           "inputs; check the data set")
         elif stop == "interrupted":
             status = "interrupted"
             self._checkpoint()
@@ -492,12 +546,27 @@ class Trainer:
         self.tb.hparams(hp, metrics)
 
 
-def train_run(cfg: DictConfig, run_dir: Path, *, resume: bool = False, quiet: bool = False,
-              identity: Optional[dict] = None,
+def train_run(cfg: DictConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+              quiet: bool = False, identity: Optional[dict] = None,
               on_step: tuple[Callable[[Trainer], None], ...] = ()) -> RunResult:
-    """Run (or, with ``resume``, continue) one experiment in ``run_dir``."""
-    return Trainer(cfg, run_dir, resume=resume, quiet=quiet, identity=identity,
-                   on_step=on_step).run()
+    """Run (or, with ``resume``, continue) one experiment in ``run_dir``; ``overwrite``
+    replaces the run in ``run_dir`` once the new one has been built."""
+    return Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, quiet=quiet,
+                   identity=identity, on_step=on_step).run()
+
+
+def _check_finite(splits: Any, name: str) -> None:
+    """A :class:`DataError` naming the split and the first sample with NaN or inf inputs."""
+    for split, ds in (("training", splits.train), ("test", splits.test)):
+        x = ds.tensors[0]
+        if not x.is_floating_point():
+            continue
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise DataError(f"data set {name!r}: the {split} inputs are not finite ("
+                            f"{int(bad.sum())} of {len(x)} samples hold NaN or inf, the first "
+                            f"at index {first}); fix or regenerate the data files")
 
 
 # -- helpers ---------------------------------------------------------------------------------------

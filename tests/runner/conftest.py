@@ -64,6 +64,8 @@ def sgd(monkeypatch):
         return opt
 
     monkeypatch.setattr("kfqn.runner.trainer.build_optimizer", factory)
+    # the spec is SgdAdapter's, not a kfqn optimizer spec: preflight takes it as it is
+    monkeypatch.setattr("kfqn.runner.preflight._resolve_optimizer", lambda spec: dict(spec))
     return built
 
 

@@ -81,7 +81,7 @@ def test_train_resume_overwrite_and_report(tmp_path, capsys):
     cfg = write_config(tmp_path)
     assert cli.main(["train", str(cfg), "-q"]) == 0
     out = capsys.readouterr().out
-    run_dir = tmp_path / "runs" / "clitest" / "main" / "kbfgs" / "seed0"
+    run_dir = tmp_path / "runs" / "clitest" / "train" / "main" / "kbfgs" / "seed0"
     assert "finished" in out and f"tensorboard --logdir {run_dir}" in out
     assert (run_dir / "config.yaml").exists()
 
@@ -103,7 +103,8 @@ def test_train_resume_overwrite_and_report(tmp_path, capsys):
 
 def test_sweep_command_end_to_end(tmp_path, capsys):
     cfg = write_config(tmp_path, sweep={"presets": ["kbfgs", "kfbfgs_cnn", "no_such"],
-                                        "seeds": [0]})
+                                        "seeds": [0], "skip_missing_presets": True,
+                                        "fresh_process": False})
     assert cli.main(["sweep", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "note: preset 'no_such' is not registered; skipping it" in out and "2 runs" in out

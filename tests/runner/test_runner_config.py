@@ -124,14 +124,22 @@ def test_broken_yaml_is_one_clear_error(tmp_path):
         C.find_config(tmp_path / "missing.yaml")
 
 
-def test_shipped_experiment_configs_compose():
-    from kfqn.core.registry import default_registry
+def test_shipped_experiment_configs_compose_and_resolve_anywhere(tmp_path, monkeypatch):
+    """Every shipped config, every task x preset, composes and passes preflight; names resolve
+    from any working directory (package data)."""
+    from kfqn.runner.preflight import preflight
 
-    registered = set(default_registry().names("preset"))
-    for path in sorted((ROOT / "configs" / "experiment").glob("*.yaml")):
+    monkeypatch.chdir(tmp_path)
+    names = C.experiment_names()
+    assert {"quickstart", "p2_autoencoders", "p1_cifar"} <= set(names)
+    count = 0
+    for name in names:
+        path = C.find_config(name)
+        assert path.is_file() and path.suffix == ".yaml"
         b = C.base_config(path)
         tasks = list(b.get("tasks") or {}) or [None]
         for task in tasks:
             for preset in (b.sweep.presets or [b.optimizer.preset]):
-                if preset in registered:
-                    C.compose_run(b, task=task, preset=preset)
+                preflight(C.compose_run(b, task=task, preset=preset))
+                count += 1
+    assert count >= 2 * 7 + 2 * 5 + 4 * 6

@@ -30,6 +30,7 @@ def test_expand_grid_tasks_presets_seeds(tmp_path):
     base = sweep_base(
         tmp_path,
         {"presets": ["kbfgs", "kbfgs_l", "not_a_preset"], "seeds": [0, 1],
+         "skip_missing_presets": True,
          "grid": {"optimizer.lr": [0.1, 0.2]}},
         tasks={"a": {"budget": {"epochs": 2}}, "b": {}},
         presets={"kbfgs_l": {"damping": 1.0}},
@@ -47,10 +48,19 @@ def test_expand_grid_tasks_presets_seeds(tmp_path):
     assert len({x.run_dir for x in specs}) == len(specs)
 
 
-def test_expand_refuses_missing_preset_when_asked(tmp_path):
-    base = sweep_base(tmp_path, {"presets": ["kbgfs"], "skip_missing_presets": False})
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_misspelt_preset_is_an_error_before_anything_runs(tmp_path, skip):
+    # a close match is a typo, never skipped, even with skip_missing_presets
+    base = sweep_base(tmp_path, {"presets": ["kbfgs", "kbgfs"], "skip_missing_presets": skip})
     with pytest.raises(ConfigError, match="'kbgfs' is not registered.*Did you mean 'kbfgs'"):
-        expand(base, [], tmp_path)
+        expand(base, [], tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+
+
+def test_unregistered_preset_is_an_error_by_default(tmp_path):
+    base = sweep_base(tmp_path, {"presets": ["kbfgs", "not_a_preset"]})
+    with pytest.raises(ConfigError, match="'not_a_preset' is not registered"):
+        expand(base, [], tmp_path / "sw")
 
 
 def test_method_label():

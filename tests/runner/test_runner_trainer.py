@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kfqn.core.errors import ConfigError
+from kfqn.runner.checkpoint import load_checkpoint
 from kfqn.runner.logs import read_csv
 from kfqn.runner.trainer import train_run
 
@@ -14,7 +15,7 @@ LOSS_COLUMNS = ("train_loss", "train_loss_no_l2", "test_loss", "batch_loss_mean"
 
 
 def params(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return load_checkpoint(run_dir)["model"]
 
 
 def losses(run_dir, name="epochs.csv", cols=LOSS_COLUMNS):
@@ -112,7 +113,7 @@ def test_ctrl_c_stops_cleanly_after_the_step(tiny, tmp_path, sgd):
     before = signal.getsignal(signal.SIGINT)   # default_int_handler, or SIG_IGN under nohup
     r = train_run(tiny(), run, quiet=True, on_step=(ctrl_c,))
     assert r.status == "interrupted" and r.summary["steps"] == 4
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 4
+    assert load_checkpoint(run)["state"]["step"] == 4
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 

@@ -29,6 +29,15 @@ RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 
+#: the K-FAC output loss (``g_side.loss``, ``loss_reduction``, ``mse_scale`` of the ``kfac``
+#: G estimator) that equals each training loss above, so that the Fisher is the right one
+FISHER_LOSSES: dict[str, dict[str, Any]] = {
+    "cross_entropy": {"loss": "cross_entropy", "loss_reduction": "batch"},
+    "sigmoid_ce": {"loss": "sigmoid_cross_entropy", "loss_reduction": "batch"},
+    "half_squared": {"loss": "mse", "loss_reduction": "batch", "mse_scale": 0.5},
+}
+
+
 def width_option(doc: str = "multiplier of every hidden width (small values for quick tests)"):
     """The ``width`` option shared by the models."""
     return Option(1.0, doc, float, low=0.0, open_low=True)
@@ -60,6 +69,17 @@ class ModelComponent(Component):
         if self.task == "reconstruction":
             return RECONSTRUCTION_LOSSES[options.get("loss", "sigmoid_ce")](output, x)
         return F.cross_entropy(output, y)
+
+    def loss_name(self, **options: Any) -> str:
+        """The name of the training loss :meth:`loss` computes (a key of FISHER_LOSSES)."""
+        if self.task == "reconstruction":
+            return options.get("loss", getattr(self, "default_loss", "sigmoid_ce"))
+        return "cross_entropy"
+
+    def fisher_loss(self, **options: Any) -> Optional[dict[str, Any]]:
+        """The K-FAC G-side loss settings equal to this model's training loss (None: unknown;
+        a model with another loss overrides this)."""
+        return FISHER_LOSSES.get(self.loss_name(**options))
 
     def correct(self, output: torch.Tensor, y: torch.Tensor) -> int:
         """Number of correctly classified samples (classification models)."""
