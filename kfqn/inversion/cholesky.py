@@ -19,6 +19,11 @@ How the fallbacks run is the option ``host_reads``:
 * ``auto`` (default): ``on_failure`` on the CPU, where reading a flag costs nothing, and
   ``never`` on accelerators. Results on the first two paths are the same in every mode.
 
+Whatever the mode, a result that is still not finite (entries near the dtype's largest value)
+is replaced by the scaled identity of :func:`kfqn.inversion.base.diagonal_fallback` (code 4):
+for any finite symmetric input and damping > 0 every strategy returns a finite symmetric
+positive definite matrix (up to rounding) and never raises.
+
 ``cholesky_lazy`` is ``cholesky`` with ``host_reads: on_failure``.
 """
 from __future__ import annotations
@@ -29,8 +34,8 @@ from torch import Tensor
 from kfqn.core.components import Option
 from kfqn.core.finite import all_finite
 from kfqn.inversion.base import (EIGH_FALLBACK, FIRST_PATH, FLOAT64_RETRY, SHIFTED_FALLBACK,
-                                 Damping, Inversion, InversionResult, eigh_power, finite_or_zero,
-                                 sym)
+                                 Damping, Inversion, InversionResult, clean_input, eigh_power,
+                                 guard, sym)
 
 HOST_READS = ["auto", "on_failure", "never"]
 
@@ -39,11 +44,16 @@ def cholesky_inverse(damped: Tensor) -> tuple[Tensor, Tensor]:
     """(inverse, ok): Cholesky inverse of an SPD matrix and a device bool 'it worked'.
 
     On the CPU ``torch.cholesky_inverse`` (LAPACK potri); elsewhere L^{-1} by a triangular solve
-    and L^{-T} L^{-1} by a matrix product, which never read a status back to the host.
+    and L^{-T} L^{-1} by a matrix product, which never read a status back to the host. potri
+    raises on a zero diagonal, which a failed factorisation leaves, so it is given the identity
+    where the factorisation failed (``ok`` is false there anyway): this never raises.
     """
     chol, info = torch.linalg.cholesky_ex(damped)
     if damped.device.type == "cpu":
-        inv = torch.cholesky_inverse(chol)
+        good = (info == 0) & (torch.diagonal(chol) > 0).all()
+        eye = torch.eye(damped.shape[0], dtype=damped.dtype, device=damped.device)
+        inv = torch.cholesky_inverse(torch.where(good, chol, eye))
+        return inv, good & all_finite(inv)
     else:
         eye = torch.eye(damped.shape[0], dtype=damped.dtype, device=damped.device)
         linv = torch.linalg.solve_triangular(chol, eye, upper=False)
@@ -82,7 +92,7 @@ class CholeskyInversion(Inversion):
     def invert(self, a: Tensor, damping: Damping) -> InversionResult:
         dev = a.device
         eye = torch.eye(a.shape[0], dtype=a.dtype, device=dev)
-        clean = finite_or_zero(sym(a))
+        clean = clean_input(a)
         damped = clean + damping * eye
         inv1, ok1 = cholesky_inverse(damped)
         code = lambda c: torch.full((), c, dtype=torch.long, device=dev)  # noqa: E731
@@ -91,24 +101,27 @@ class CholeskyInversion(Inversion):
                 return InversionResult(sym(inv1), code(FIRST_PATH))
             if a.dtype != torch.float64:
                 inv2, ok2 = cholesky_inverse(damped.double())
-                if bool(ok2):
-                    return InversionResult(sym(inv2.to(a.dtype)), code(FLOAT64_RETRY))
+                inv2 = inv2.to(a.dtype)
+                if bool(ok2 & all_finite(inv2)):
+                    return InversionResult(sym(inv2), code(FLOAT64_RETRY))
             inv3, clamped = eigh_power(a, damping, -1.0, self.opts.get("min_eig", 0.0))
-            return InversionResult(sym(inv3), code(EIGH_FALLBACK), clamped)
+            return guard(InversionResult(sym(inv3), code(EIGH_FALLBACK), clamped), a, damping)
+        clean64 = clean.double()
+        eye64 = torch.eye(a.shape[0], dtype=torch.float64, device=dev)
         damped64 = damped.double()
         if a.dtype != torch.float64:
             inv2, ok2 = cholesky_inverse(damped64)
             inv2 = inv2.to(a.dtype)
+            ok2 = ok2 & all_finite(inv2)
         else:  # a float64 retry would repeat the first path
             inv2, ok2 = inv1, ok1
-        shift = gershgorin_shift(clean.double())
-        eye64 = torch.eye(a.shape[0], dtype=torch.float64, device=dev)
-        margin = 1e-12 * (1.0 + torch.diagonal(clean.double()).abs().max())
+        shift = gershgorin_shift(clean64)
+        margin = 1e-12 * (1.0 + torch.diagonal(clean64).abs().max())
         inv3, _ = cholesky_inverse(damped64 + (shift + margin) * eye64)
         inv = torch.where(ok1, inv1, torch.where(ok2, inv2, inv3.to(a.dtype)))
         fallback = torch.where(ok1, code(FIRST_PATH),
                                torch.where(ok2, code(FLOAT64_RETRY), code(SHIFTED_FALLBACK)))
-        return InversionResult(sym(inv), fallback)
+        return guard(InversionResult(sym(inv), fallback), a, damping)
 
 
 class LazyCholeskyInversion(CholeskyInversion):

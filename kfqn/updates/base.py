@@ -5,7 +5,14 @@ H_g) and updates it from secant pairs (s, y) so that, for rules with ``satisfies
 H+ y = s. Updates are branch-free on the device: a rejected pair leaves H unchanged through
 ``torch.where``; nothing calls ``.item()``.
 
-A :class:`Damping` maps (s, y) to a damped pair using H y (SPEC §3).
+Factors never become non-finite: the built-in rules reject any pair whose update could overflow
+or lose definiteness (see each rule), and a non-finite starting point (``reset(h0)`` or a loaded
+state) is replaced by the rule's initial value and counted in :attr:`InverseFactor.resets` (a
+0-dim long device tensor, part of ``state_dict()``; :meth:`InverseFactor.stats` reports it).
+
+A :class:`Damping` maps (s, y) to a damped pair using H y (SPEC §3); a pair the rule cannot damp
+to its postcondition in floating point comes back zeroed with ``ok`` false (then every update
+rule rejects it, since s^T y = 0).
 """
 from __future__ import annotations
 
@@ -28,10 +35,30 @@ class InverseFactor(Component):
     #: whether ``reset(H0)`` can take a dense initial matrix
     accepts_dense_init: ClassVar[bool] = True
 
+    #: reject a pair unless s^T y > cancel_tol * eps * y^T H y (eps of the factor dtype): the new
+    #: H has y^T H+ y = s^T y, computed from terms of size y^T H y, so a smaller s^T y is lost
+    #: to cancellation (e.g. H = [[1e30]], s = y = 0.6 in float32 gives H+ = 0)
+    cancel_tol: ClassVar[float] = 64.0
+
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str, **options: Any):
         self.dim = dim
         self.dtype = dtype
         self.device = torch.device(device)
+        #: times the factor was found non-finite and reset to its initial value (device tensor)
+        self.resets = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def stats(self) -> dict[str, Tensor]:
+        """Device figures of this factor: ``{"resets": 0-dim long tensor}``."""
+        resets = getattr(self, "resets", None)
+        if resets is None:  # a plugin that does not call InverseFactor.__init__
+            resets = torch.zeros((), dtype=torch.long, device=getattr(self, "device", "cpu"))
+        return {"resets": resets}
+
+    def _load_resets(self, state: dict[str, Any]) -> None:
+        """Take ``resets`` from a state dict (0 for state dicts written before it existed)."""
+        r = state.get("resets")
+        self.resets = (torch.zeros((), dtype=torch.long, device=self.device) if r is None
+                       else torch.as_tensor(r).to(device=self.device, dtype=torch.long).reshape(()).clone())
 
     def reset(self, h0: Tensor | None = None) -> None:
         """Start again from ``h0`` (dense, symmetric positive definite) or the identity."""
@@ -67,9 +94,10 @@ class InverseFactor(Component):
 
 
 def admissible(s: Tensor, y: Tensor, allow: Tensor | None) -> Tensor:
-    """s^T y > 0, s and y finite, and ``allow``: the acceptance test shared by update rules."""
+    """0 < s^T y < inf, s and y finite, and ``allow``: the acceptance test shared by update
+    rules."""
     sy = torch.dot(s, y)
-    ok = (sy > 0) & torch.isfinite(s).all() & torch.isfinite(y).all()
+    ok = (sy > 0) & torch.isfinite(sy) & torch.isfinite(s).all() & torch.isfinite(y).all()
     if allow is not None:
         ok = ok & allow
     return ok
@@ -82,6 +110,17 @@ class DampingResult:
     s: Tensor
     y: Tensor
     active: dict[str, Tensor] = field(default_factory=dict)
+    #: bool tensor: the pair met the rule's postcondition (within :func:`postcondition_rtol`);
+    #: where false, ``s`` and ``y`` are zero, so any update rule rejects the pair. ``None``:
+    #: the rule has no postcondition (always usable as it is).
+    ok: Tensor | None = None
+
+
+def postcondition_rtol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the damping postconditions in ``dtype``: 1e-4 in float32 and
+    1e-10 in float64 (about 1000 and 450 000 eps: the room the dot products need when
+    the entries of s and y cancel)."""
+    return 1e-10 if dtype == torch.float64 else 1e-4
 
 
 class Damping(Component):

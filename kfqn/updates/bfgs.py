@@ -7,7 +7,12 @@ expanded form H + (rho^2 y^T H y + rho) s s^T - rho (s (Hy)^T + (Hy) s^T).
 V = [c s - rho Hy, -rho s] (c = rho^2 y^T H y + rho): one pass over H, no temporary of H's size.
 The update is skipped (V = 0, so H is left bitwise unchanged) when s^T y <= 0, when s, y or Hy
 is not finite, when the increment could overflow (its entries are bounded by
-|c| max|s|^2 + 2 |rho| max|s| max|Hy|), or where ``allow`` is false (e.g. the P2 norm gate).
+|c| max|s|^2 + 2 |rho| max|s| max|Hy|, and those of H by max_i H_ii as H is positive
+definite), when s^T y <= cancel_tol * eps * y^T H y (the result would be lost to cancellation:
+y^T H+ y = s^T y is computed from terms of size y^T H y), or where ``allow`` is false (e.g. the
+P2 norm gate). So H stays finite and positive definite (up to rounding) for any input; a
+non-finite H0 given to :meth:`BFGSFactor.reset` or loaded is replaced by I and counted in
+``resets``.
 :func:`bfgs_inverse_update` is the same update written out (symmetrised), for tests and plugins.
 """
 from __future__ import annotations
@@ -42,7 +47,14 @@ class BFGSFactor(InverseFactor):
         if h0 is None:
             self.h = torch.eye(self.dim, dtype=self.dtype, device=self.device)
         else:
-            self.h = (0.5 * (h0 + h0.T)).to(self.dtype).contiguous()
+            self.h = self._finite_or_identity((0.5 * (h0 + h0.T)).to(self.dtype).contiguous())
+
+    def _finite_or_identity(self, h: Tensor) -> Tensor:
+        """``h`` if every entry is finite, else I (counted in ``resets``); on the device."""
+        good = torch.isfinite(h.abs().amax())
+        self.resets = self.resets + (~good).long()
+        eye = torch.eye(self.dim, dtype=self.dtype, device=h.device)
+        return torch.where(good, h, eye).contiguous()
 
     def apply(self, v: Tensor) -> Tensor:
         return self.h @ v
@@ -55,13 +67,19 @@ class BFGSFactor(InverseFactor):
         u = torch.stack([s, self.h @ y], dim=1)              # U = [s, Hy]
         sy, yhy = (y @ u).unbind()                           # s^T y, y^T H y
         s_max, hy_max = u.abs().amax(0).unbind()             # NaN / inf propagate
-        ok = sy > 0 if allow is None else (sy > 0) & allow
+        finfo = torch.finfo(self.h.dtype)
+        # s^T y > 0, and large enough not to be lost to cancellation against y^T H y (NaN: no)
+        ok = sy > (self.cancel_tol * finfo.eps * yhy).clamp_min(0.0)
+        if allow is not None:
+            ok = ok & allow
         rho = 1.0 / torch.where(ok, sy, 1.0)
         coef = (rho * yhy + 1.0) * rho
-        # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|; a
-        # non-finite s, y or Hy makes the bound NaN or inf, and the comparison false
+        # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|, those
+        # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
+        # or inf, and the comparison false
         bound = (coef.abs() * s_max + 2.0 * rho.abs() * hy_max) * s_max
-        ok = ok & (bound < torch.finfo(self.h.dtype).max / 4)
+        h_max = torch.diagonal(self.h).abs().amax()
+        ok = ok & (bound + h_max < finfo.max / 4)
         # H += U C U^T with C = [[c, -rho], [-rho, 0]]; C = 0 and U = 0 where not ok, so a
         # rejected pair leaves H bitwise unchanged
         c = torch.where(ok, torch.stack([coef, -rho, -rho, torch.zeros_like(rho)]), 0.0)
@@ -73,7 +91,8 @@ class BFGSFactor(InverseFactor):
         return 0.5 * (self.h + self.h.T)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"h": self.h}
+        return {"h": self.h, "resets": self.resets}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.h = state["h"].to(device=self.device, dtype=self.dtype).clone()
+        self._load_resets(state)
+        self.h = self._finite_or_identity(state["h"].to(device=self.device, dtype=self.dtype).clone())

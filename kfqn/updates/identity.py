@@ -24,7 +24,7 @@ class IdentityFactor(InverseFactor):
         return torch.zeros((), dtype=torch.bool, device=s.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"resets": self.resets}                # always 0: I is never non-finite
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self._load_resets(state)

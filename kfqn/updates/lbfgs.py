@@ -9,6 +9,11 @@ With H0 = gamma I, S = [s_i], Y = [y_i], R = triu(S^T Y), D = diag(s_i^T y_i):
 which is identical to the two-loop recursion and, while the memory holds every pair since H0,
 to dense BFGS started from gamma I. gamma = 1 (default) or s^T y / y^T y of the newest pair.
 When d <= 4p the dense H is formed once per update and products use it (cheaper, same H).
+
+Guards (as for dense BFGS): a pair is rejected unless 0 < s^T y < inf, s and y are finite,
+s^T y > cancel_tol * eps * y^T H y (H the current factor) and everything derived from the new
+memory (R, D, Y^T Y, gamma, the dense H) is finite; a rejected pair changes nothing. A loaded
+state that is not finite is replaced by the empty memory (H = I) and counted in ``resets``.
 """
 from __future__ import annotations
 
@@ -72,26 +77,40 @@ class LBFGSFactor(InverseFactor):
     def _refresh(self) -> None:
         """Recompute R (with unit diagonal on empty slots), D, Y^T Y and, where
         :attr:`uses_dense`, the dense H, after a change."""
-        s, y = self.s, self.y
+        self._r, self._d, self._yy, self._dense = self._derive(self._sy, self.valid, self.gamma)
+
+    def _derive(self, sy_rows: Tensor, valid: Tensor, gamma: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(R, D, Y^T Y, dense H or None) of the memory ``sy_rows`` = [S; Y]."""
+        p = self.memory
+        s, y = sy_rows[:p], sy_rows[p:]
         sy = s @ y.T
-        self._d = torch.diagonal(sy).clone()
-        self._r = torch.triu(sy) + torch.diag((~self.valid).to(self.dtype))
-        self._yy = y @ y.T
-        self._dense = None
+        d = torch.diagonal(sy).clone()
+        r = torch.triu(sy) + torch.diag((~valid).to(self.dtype))
+        yy = y @ y.T
+        dense = None
         if self.uses_dense:
             eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-            self._dense = self._compact(eye)
+            dense = self._compact(eye, (sy_rows, r, d, yy, gamma))
+        return r, d, yy, dense
 
-    def _compact(self, mat: Tensor) -> Tensor:
+    @staticmethod
+    def _finite(tensors: list[Tensor | None]) -> Tensor:
+        """0-dim bool: every entry of every tensor is finite (exact, by max |x|)."""
+        maxes = [t.abs().amax().to(torch.float64) for t in tensors if t is not None]
+        return torch.isfinite(torch.stack(maxes).sum())
+
+    def _compact(self, mat: Tensor, memo: tuple | None = None) -> Tensor:
         """H mat for mat (d, n), compact form: two (2p x d) products, two p x p triangular
-        solves."""
-        g, p = self.gamma, self.memory
-        ab = self._sy @ mat                                  # [S mat; Y mat]
+        solves. ``memo``: (rows, R, D, Y^T Y, gamma) of another memory (default: this one)."""
+        rows, r, dd, yy, g = memo or (self._sy, self._r, self._d, self._yy, self.gamma)
+        p = self.memory
+        ab = rows @ mat                                      # [S mat; Y mat]
         a, b = ab[:p], ab[p:]
-        u = torch.linalg.solve_triangular(self._r, a, upper=True)
-        w = self._d[:, None] * u + g * (self._yy @ u) - g * b
-        top = torch.linalg.solve_triangular(self._r.T, w, upper=False)
-        return (self._sy.T @ torch.cat([top, -g * u])).addcmul_(mat, g)
+        u = torch.linalg.solve_triangular(r, a, upper=True)
+        w = dd[:, None] * u + g * (yy @ u) - g * b
+        top = torch.linalg.solve_triangular(r.T, w, upper=False)
+        return (rows.T @ torch.cat([top, -g * u])).addcmul_(mat, g)
 
     def apply(self, v: Tensor) -> Tensor:
         """H v for v of shape (d,) or (d, n)."""
@@ -116,17 +135,32 @@ class LBFGSFactor(InverseFactor):
 
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
         ok = admissible(s, y, allow)
+        # cancellation guard, as in dense BFGS (NaN or inf y^T H y rejects)
+        yhy = torch.dot(y, self.apply(y))
+        tol = self.cancel_tol * torch.finfo(self.dtype).eps
+        ok = ok & (torch.dot(s, y) > (tol * yhy).clamp_min(0.0)) & torch.isfinite(yhy)
         s = torch.where(ok, s, torch.zeros_like(s))
         y = torch.where(ok, y, torch.zeros_like(y))
         shifted = torch.cat([self.s[1:], s[None], self.y[1:], y[None]])
         shifted_v = torch.cat([self.valid[1:], ok.reshape(1)])
-        self._sy = torch.where(ok, shifted, self._sy)
-        self.valid = torch.where(ok, shifted_v, self.valid)
+        rows = torch.where(ok, shifted, self._sy)
+        valid = torch.where(ok, shifted_v, self.valid)
+        gamma = self.gamma
         if self.gamma_mode == "scaled":
             yy = torch.dot(y, y)
             ratio = torch.dot(s, y) / torch.where(yy > 0, yy, torch.ones_like(yy))
-            self.gamma = torch.where(ok, ratio, self.gamma)
-        self._refresh()
+            good_ratio = (ratio > 0) & torch.isfinite(ratio)
+            ok = ok & good_ratio
+            gamma = torch.where(ok, ratio, self.gamma)
+        derived = self._derive(rows, valid, gamma)
+        # the new memory must give a finite H: otherwise keep the old one (nothing changes)
+        ok = ok & self._finite([*derived, gamma])
+        self._sy = torch.where(ok, rows, self._sy)
+        self.valid = torch.where(ok, valid, self.valid)
+        self.gamma = torch.where(ok, gamma, self.gamma)
+        old = (self._r, self._d, self._yy, self._dense)
+        self._r, self._d, self._yy, self._dense = (
+            None if new is None else torch.where(ok, new, prev) for new, prev in zip(derived, old))
         return ok
 
     def state_bytes(self) -> int:
@@ -138,13 +172,22 @@ class LBFGSFactor(InverseFactor):
         return sum(t.numel() * t.element_size() for t in held)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"s": self.s, "y": self.y, "valid": self.valid, "gamma": self.gamma}
+        return {"s": self.s, "y": self.y, "valid": self.valid, "gamma": self.gamma,
+                "resets": self.resets}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["s"].shape != self.s.shape:
             raise ValueError(f"L-BFGS memory shape {tuple(state['s'].shape)} does not match "
                              f"this optimizer's {tuple(self.s.shape)} (memory, dim)")
-        self._sy = torch.cat([state["s"], state["y"]]).to(self.device, self.dtype)
-        self.valid = state["valid"].to(self.device).clone()
-        self.gamma = state["gamma"].to(self.device, self.dtype).clone()
+        self._load_resets(state)
+        rows = torch.cat([state["s"], state["y"]]).to(self.device, self.dtype)
+        valid = state["valid"].to(self.device).clone()
+        gamma = state["gamma"].to(self.device, self.dtype).clone()
+        derived = self._derive(rows, valid, gamma)
+        good = self._finite([*derived, rows, gamma]) & (gamma > 0)
+        self.resets = self.resets + (~good).long()
+        self.reset()                                        # the initial value: empty memory
+        self._sy = torch.where(good, rows, self._sy)
+        self.valid = torch.where(good, valid, self.valid)
+        self.gamma = torch.where(good, gamma, self.gamma)
         self._refresh()
