@@ -5,6 +5,7 @@ A component is a class with a ``name``, a one-line ``description`` and a table o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -16,6 +17,7 @@ class Option:
 
     ``low``/``high`` bound numbers (inclusive unless ``open_low``/``open_high``); ``choices``
     lists allowed values; ``check`` is an extra predicate with ``check_msg`` as its error text.
+    A float value must be finite (NaN and +-inf are rejected by every option).
     """
 
     default: Any
@@ -37,8 +39,8 @@ class Option:
             names = self.type if isinstance(self.type, tuple) else (self.type,)
             parts.append(" or ".join(t.__name__ for t in names))
         if self.low is not None or self.high is not None:
-            lo = "(" if self.open_low else "["
-            hi = ")" if self.open_high else "]"
+            lo = "(" if self.open_low or self.low is None else "["
+            hi = ")" if self.open_high or self.high is None else "]"
             parts.append(f"in {lo}{'-inf' if self.low is None else self.low}, "
                          f"{'inf' if self.high is None else self.high}{hi}")
         if self.nullable:
@@ -65,6 +67,9 @@ class Option:
                 raise ConfigError(f"{key} = {value!r} has the wrong type; allowed: {self.allowed()}")
             if not isinstance(value, types):
                 raise ConfigError(f"{key} = {value!r} has the wrong type; allowed: {self.allowed()}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r} is not a finite number; allowed: "
+                              f"{self.allowed()}")
         if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
             raise ConfigError(f"{key} = {value!r} is out of range; allowed: {self.allowed()}")
         if self.high is not None and (value > self.high or (self.open_high and value == self.high)):

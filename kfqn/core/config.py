@@ -13,7 +13,6 @@ values.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -226,9 +225,28 @@ def validate(raw: Mapping[str, Any], registry: Registry) -> dict:
         if item not in adapters:
             raise ConfigError(f"layers: {item!r} is not a registered layer_adapter; allowed: "
                               f"{', '.join(adapters)}.{close_matches(item, adapters)}")
-    if not math.isfinite(cfg["lr"]):
-        raise ConfigError("lr must be finite")
     return cfg
+
+
+#: the numeric options a param group may override, validated as the top-level ones
+GROUP_KEYS = ("lr", "momentum", "weight_decay", "damping")
+
+
+def validate_param_group(index: int, group: Mapping[str, Any]) -> dict:
+    """Check the numeric hyper-parameters given in one torch-style param group (non-finite,
+    out-of-range or wrongly typed values raise one line naming ``param_groups[i].key`` and
+    the allowed values); return the group with those values normalised (ints widened)."""
+    out = dict(group)
+    for key in GROUP_KEYS:
+        if key in out:
+            value = out[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                try:  # a 0-dim tensor or numpy scalar
+                    value = float(value)
+                except (TypeError, ValueError):
+                    pass
+            out[key] = TOP_LEVEL[key].validate(f"param_groups[{index}].{key}", value)
+    return out
 
 
 def resolve_config(spec: Any, registry: Registry, overrides: Mapping[str, Any] | None = None,
