@@ -152,7 +152,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = C.compose_run(base, overrides)
     preflight(cfg)  # every check that needs no data, before anything on disk changes
     preset = cfg.optimizer.preset
-    label = C.override_label(cli_over)
+    label = C.override_label(cli_over, exclude=("sweep",))
     method = f"{preset}-{label}" if label else preset
     if run_dir is None:
         run_dir = Path(cfg.logging.run_dir) if cfg.logging.run_dir else run_path(

@@ -389,17 +389,20 @@ def _label_value(v: Any) -> str:
     return str(v)
 
 
-def override_label(overrides: Sequence[tuple[str, Any]], max_len: int = 60) -> str:
+def override_label(overrides: Sequence[tuple[str, Any]], max_len: int = 60,
+                   exclude: Sequence[str] = ()) -> str:
     """A directory-name suffix for the overrides that change the experiment.
 
     ``[("optimizer.lr", 0.1), ("budget.epochs", 3)]`` -> ``"lr=0.1"``: the last component of
     each key (the full key where two would collide) and its value, joined by ``-``. Budget,
     logging, eval, report, device, threads, seed, task and preset overrides are left out (seed,
-    task and preset are in the run path already; the rest may change on resume). Long labels
-    become a short hash. Empty when no override counts.
+    task and preset are in the run path already; the rest may change on resume), and the keys
+    under ``exclude`` (``kfqn train`` ignores ``sweep``). Long labels end in a short hash.
+    Empty when no override counts.
     """
+    excluded = (*_LABEL_EXCLUDED, *exclude)
     keep = [(k, v) for k, v in overrides
-            if not any(k == e or k.startswith(e + ".") for e in _LABEL_EXCLUDED)]
+            if not any(k == e or k.startswith(e + ".") for e in excluded)]
     if not keep:
         return ""
     last = [k.rsplit(".", 1)[-1] for k, _ in keep]

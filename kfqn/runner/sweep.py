@@ -342,10 +342,13 @@ def run_sweep(specs: Sequence[RunSpec], sweep_dir: Path, *, workers: int = 1,
         r is None or r["status"] == "interrupted" for r in records) else "done"
     _write_index(sweep_dir, specs, records, state)
     if state == "interrupted":
-        counts = {k: sum(1 for r in records if r and r["status"] == k)
-                  for k in ("finished", "interrupted")}
-        echo(f"sweep interrupted: {counts['finished']} finished, {counts['interrupted']} "
-             f"interrupted (checkpointed), {sum(r is None for r in records)} not started. "
+        from kfqn.runner.checkpoint import has_checkpoint
+
+        ended = sum(1 for r in records if r and r["status"] != "interrupted")
+        stopped = [s for s, r in zip(specs, records) if r and r["status"] == "interrupted"]
+        saved = sum(has_checkpoint(Path(s.run_dir)) for s in stopped)
+        echo(f"sweep interrupted: {ended} ended, {len(stopped)} stopped ({saved} with a "
+             f"checkpoint), {sum(r is None for r in records)} not started. "
              f"Continue with: kfqn sweep {sweep_dir} --resume")
     return [r for r in records if r is not None]
 
