@@ -58,6 +58,8 @@ class Layer:
     started: Tensor
     dir_rejected: Tensor
     positions: int = 1
+    #: its forward was captured at least once (host flag)
+    captured: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -76,6 +78,18 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+def _children_used_without_forward(model: nn.Module) -> dict[str, str]:
+    """Modules whose parent reads their parameters directly, so that their own forward (and the
+    capture hooks on it) never runs: ``nn.MultiheadAttention.out_proj``. Name -> reason."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            child = f"{name}.out_proj" if name else "out_proj"
+            out[child] = ("nn.MultiheadAttention uses out_proj.weight and out_proj.bias directly, "
+                          "so out_proj's forward never runs and no statistics can be captured")
+    return out
+
+
 class KFQNOptimizer(torch.optim.Optimizer):
     """A Kronecker-factored quasi-Newton optimizer assembled from registered components.
 
@@ -88,7 +102,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, config: dict, registry: Registry | None = None,
                  param_groups: Iterable[dict] | None = None) -> None:
-        self.model = model
+        # a torch.compile'd model: hooks and names go to the module it wraps (names then match the
+        # eager model's, so checkpoints move between the two); the capture hooks run eagerly
+        self.model = model = getattr(model, "_orig_mod", model)
         self.config = config
         self.registry = registry or default_registry()
         self.builder = ComponentBuilder(self.registry)
@@ -111,8 +127,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self._build_layers()
         self._sampling_layers = [l for l in self.layers.values()
                                  if getattr(l.g, "needs_sampled_grads", False)]
-        self._output_hook = (model.register_forward_hook(self._on_model_output)
-                             if self._sampling_layers else None)
+        self._output_hook = (
+            model.register_forward_hook(torch.compiler.disable(self._on_model_output))
+            if self._sampling_layers else None)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self._device())
         self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
 
@@ -136,13 +153,16 @@ class KFQNOptimizer(torch.optim.Optimizer):
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         claimed: set[int] = set()
+        bypassed = _children_used_without_forward(self.model)
         for mname, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in group_of]
             if not own:
                 continue
             adapter_cls = next((a for a in adapters if a.matches(module)), None)
             reason = None
-            if adapter_cls is None:
+            if mname in bypassed:
+                reason = bypassed[mname]
+            elif adapter_cls is None:
                 if isinstance(module, FIRST_ORDER_MODULES):
                     continue
                 reason = f"no layer adapter for {type(module).__name__} (layers: {self.config['layers']})"
@@ -167,10 +187,48 @@ class KFQNOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if id(p) not in claimed:
                     entries.append((names[id(p)], p, group))
-        fb = self.config["fallback"]
-        self.fallback = self.registry.get("fallback", fb["name"])(
-            entries, self.config, self.builder.options(fb))
+        self.fallback = self._make_fallback(entries)
         self.fallback_params = [n for n, _, _ in entries]
+        #: fallbacks of layers released at a step (:meth:`_release_uncaptured`), with their names
+        self._late_fallbacks: list[tuple[list[str], Any]] = []
+
+    def _make_fallback(self, entries: list) -> Any:
+        fb = self.config["fallback"]
+        return self.registry.get("fallback", fb["name"])(entries, self.config,
+                                                         self.builder.options(fb))
+
+    def _fallbacks(self) -> list[Any]:
+        return [self.fallback] + [fb for _, fb in self._late_fallbacks]
+
+    def _release_uncaptured(self) -> None:
+        """Layers whose parameters have gradients although their forward never ran (and was
+        never captured) in any closure so far: another module used their weights directly
+        (e.g. a custom attention reading ``proj.weight``). Preconditioning them would leave them
+        frozen, so they go to the first-order fallback, named in a warning (or an error with
+        ``unsupported: error``). Host-side checks only."""
+        lost = [l for l in self.layers.values()
+                if not l.captured and l.hooks.slots["current"].calls == 0
+                and any(p.grad is not None for p in l.adapter.params())]
+        if lost:
+            self._release([l.name for l in lost],
+                          "its parameters received gradients but its forward never ran in the "
+                          "closure (another module uses its weights directly), so no statistics "
+                          "could be captured")
+
+    def _release(self, names: list[str], reason: str) -> None:
+        pnames = {id(p): n for n, p in self.model.named_parameters()}
+        entries = []
+        for name in names:
+            layer = self.layers[name]
+            self._unsupported(name, layer.module, reason)
+            layer.hooks.remove()
+            del self.layers[name]
+            group = self.param_groups[layer.group]
+            entries += [(pnames[id(p)], p, group) for p in layer.adapter.params()]
+        self._late_fallbacks.append((list(names), self._make_fallback(entries)))
+        self.fallback_params += [n for n, _, _ in entries]
+        self._sampling_layers = [l for l in self._sampling_layers if l.name in self.layers]
+        self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
 
     def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
         policy = self.config["unsupported"]
@@ -346,7 +404,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
         at labels sampled from the model, SPEC §4 K-FAC) from the model output to every captured
         layer output h, into ``Capture.sampled_grad_out`` (R, *h.shape). Capture hooks are muted
         meanwhile, so the true-label quantities come from the user's backward alone."""
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+        if (not self._sampling_layers or not torch.is_grad_enabled()
+                or not isinstance(output, Tensor) or not output.requires_grad):
             return  # e.g. evaluation; the estimators explain a missing result in prepare
         owner = self._sampling_layers[0].g  # one g_side config: the first layer's speaks for all
         if not owner.wants_sampled_grads(self._step_count):
@@ -381,6 +440,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         return all_finite_many(checks, dev)
 
     def _active_layers(self) -> list[tuple[Layer, Capture]]:
+        self._release_uncaptured()
         active = []
         for layer in self.layers.values():
             cap = layer.hooks.slots["current"]
@@ -389,6 +449,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
                     f"module {layer.name!r} ran {cap.calls} forward passes since the last step; "
                     "kfqn needs exactly one forward and backward per step (weight sharing, "
                     "repeated calls and gradient accumulation are not supported)")
+            if cap.calls:
+                layer.captured = True
             if cap.complete and layer.module.weight.grad is not None:
                 layer.positions = cap.positions
                 active.append((layer, cap))
@@ -437,7 +499,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             self._precondition_and_move(active, ok)
             t3 = time.perf_counter()
             times["precondition"] = t3 - t2
-            self.fallback.step(ok)
+            for fallback in self._fallbacks():
+                fallback.step(ok)
             t4 = time.perf_counter()
             times["fallback"] = t4 - t3
             for layer, cap in active:
@@ -527,12 +590,13 @@ class KFQNOptimizer(torch.optim.Optimizer):
         for layer in self.layers.values():
             total += layer.a.state_bytes() + layer.g.state_bytes()
             total += layer.momentum.numel() * layer.momentum.element_size()
-        fallback_bytes = getattr(self.fallback, "state_bytes", None)
-        if fallback_bytes is not None:
-            total += fallback_bytes()
-        else:
-            for t in self.fallback.state_dict().get("buf", {}).values():
-                total += t.numel() * t.element_size()
+        for fallback in self._fallbacks():
+            fallback_bytes = getattr(fallback, "state_bytes", None)
+            if fallback_bytes is not None:
+                total += fallback_bytes()
+            else:
+                for t in fallback.state_dict().get("buf", {}).values():
+                    total += t.numel() * t.element_size()
         return total
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -551,7 +615,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
                             "dir_rejected": layer.dir_rejected}
         return {"format": STATE_FORMAT, "config": self.config, "step": self._step_count,
                 "warm_started": self._warm_started, "param_groups": groups, "layers": layers,
-                "fallback": self.fallback.state_dict(), "nonfinite_steps": self.nonfinite_steps}
+                "fallback": self.fallback.state_dict(), "nonfinite_steps": self.nonfinite_steps,
+                "released": [[names, fb.state_dict()] for names, fb in self._late_fallbacks],
+                "unsupported": dict(self.unsupported)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint from :meth:`state_dict`; mismatches raise a clear error."""
@@ -564,6 +630,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
             raise KfqnError(f"checkpoint was written by a differently configured optimizer; keys "
                             f"that differ: {', '.join(diff)}. Build the optimizer with the "
                             "checkpoint's config (state_dict()['config']).")
+        for names, _ in state_dict.get("released", []):
+            if all(n in self.layers for n in names):
+                self._release(names, state_dict.get("unsupported", {}).get(
+                    names[0], "released by the checkpoint's optimizer"))
         missing = sorted(set(self.layers) - set(state_dict["layers"]))
         extra = sorted(set(state_dict["layers"]) - set(self.layers))
         if missing or extra:
@@ -587,6 +657,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             layer.dir_rejected = s["dir_rejected"].to(layer.dir_rejected.device).clone()
         try:
             self.fallback.load_state_dict(state_dict["fallback"])
+            for (_, fb), (_, state) in zip(self._late_fallbacks, state_dict.get("released", [])):
+                fb.load_state_dict(state)
         except KeyError as exc:
             raise KfqnError(f"checkpoint lacks fallback state for parameter {exc}") from None
         self._step_count = int(state_dict["step"])

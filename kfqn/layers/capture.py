@@ -62,13 +62,23 @@ class CaptureHooks:
         self.phase: str | None = "current"
         self.slots: dict[str, Capture] = {"current": Capture(), "trial": Capture()}
         self.on_warm: Callable[[Tensor], None] | None = None
-        self._handle = module.register_forward_hook(self._forward)
+        # under torch.compile the hook runs eagerly, between compiled graphs: traced, its side
+        # effects (the statistics kept here) were replayed wrongly by the compiler
+        self._handle = module.register_forward_hook(torch.compiler.disable(self._forward))
 
     def remove(self) -> None:
         self._handle.remove()
 
     def reset(self, phase: str) -> None:
+        self._release(self.slots[phase])
         self.slots[phase] = Capture()
+
+    @staticmethod
+    def _release(cap: Capture) -> None:
+        """Drop the capture's tensor references. The gradient hook on a kept output h refers to
+        its capture, and the capture to h: a cycle through autograd's C++ graph that Python's
+        garbage collector cannot see, which kept every step's h and its graph alive."""
+        cap.inp = cap.out = cap.grad_out = cap.sampled_grad_out = None
 
     def _forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         phase = self.phase
@@ -93,6 +103,7 @@ class CaptureHooks:
             calls=self.slots[phase].calls + 1,
             out=output if self.keep_output else None,
         )
+        self.slots[phase].out = None  # the replaced capture's half of the cycle (see _release)
         self.slots[phase] = cap
         adapter, keep = self.adapter, self.keep_grad_output
 
