@@ -240,7 +240,7 @@ def validate_param_group(index: int, group: Mapping[str, Any]) -> dict:
     for key in GROUP_KEYS:
         if key in out:
             value = out[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not isinstance(value, (bool, int, float)):
                 try:  # a 0-dim tensor or numpy scalar
                     value = float(value)
                 except (TypeError, ValueError):

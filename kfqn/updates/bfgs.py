@@ -9,8 +9,10 @@ The update is skipped (V = 0, so H is left bitwise unchanged) when s^T y <= 0, w
 is not finite, when the increment could overflow (its entries are bounded by
 |c| max|s|^2 + 2 |rho| max|s| max|Hy|, and those of H by max_i H_ii as H is positive
 definite), when s^T y <= cancel_tol * eps * y^T H y (the result would be lost to cancellation:
-y^T H+ y = s^T y is computed from terms of size y^T H y), or where ``allow`` is false (e.g. the
-P2 norm gate). So H stays finite and positive definite (up to rounding) for any input; a
+y^T H+ y = s^T y is computed from terms of size y^T H y), when the rounding of H and of the
+increment (eps times max_i H_ii plus the increment's bound) exceeds ``increment_rtol`` (1e-4 in float32, 1e-9 in float64) of the new
+H's largest diagonal entry (terms far larger than the result would cancel: nearly orthogonal
+s and y), or where ``allow`` is false (e.g. the P2 norm gate). So H stays finite and positive definite (up to rounding) for any input; a
 non-finite H0 given to :meth:`BFGSFactor.reset` or loaded is replaced by I and counted in
 ``resets``.
 :func:`bfgs_inverse_update` is the same update written out (symmetrised), for tests and plugins.
@@ -38,6 +40,9 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
 class BFGSFactor(InverseFactor):
     name = "bfgs"
     description = "dense BFGS inverse update, H+ y = s (SPEC §3)"
+    #: reject when eps * (max_i H_ii + bound of the increment) > increment_rtol * max_i |H+_ii|
+    #: (float32, float64): the rounding left would exceed that fraction of the new H
+    increment_rtol = (1e-4, 1e-9)
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device | str, **options: Any):
         super().__init__(dim, dtype, device)
@@ -78,8 +83,16 @@ class BFGSFactor(InverseFactor):
         # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
         # or inf, and the comparison false
         bound = (coef.abs() * s_max + 2.0 * rho.abs() * hy_max) * s_max
-        h_max = torch.diagonal(self.h).abs().amax()
+        h_diag = torch.diagonal(self.h)
+        h_max = h_diag.abs().amax()
         ok = ok & (bound + h_max < finfo.max / 4)
+        # rounding of H and of the increment (about eps * (max|H| + bound)) must stay small
+        # against the new H, whose entries are bounded by its largest diagonal entry (O(d) to
+        # compute): otherwise terms far larger than the result cancel and leave noise of
+        # either sign
+        s_col, hy_col = u.unbind(1)
+        new_max = (h_diag + (coef * s_col - 2.0 * rho * hy_col) * s_col).abs().amax()
+        ok = ok & (finfo.eps * (bound + h_max) <= self.increment_rtol[finfo.bits == 64] * new_max)
         # H += U C U^T with C = [[c, -rho], [-rho, 0]]; C = 0 and U = 0 where not ok, so a
         # rejected pair leaves H bitwise unchanged
         c = torch.where(ok, torch.stack([coef, -rho, -rho, torch.zeros_like(rho)]), 0.0)

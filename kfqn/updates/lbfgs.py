@@ -11,8 +11,11 @@ to dense BFGS started from gamma I. gamma = 1 (default) or s^T y / y^T y of the 
 When d <= 4p the dense H is formed once per update and products use it (cheaper, same H).
 
 Guards (as for dense BFGS): a pair is rejected unless 0 < s^T y < inf, s and y are finite,
-s^T y > cancel_tol * eps * y^T H y (H the current factor) and everything derived from the new
-memory (R, D, Y^T Y, gamma, the dense H) is finite; a rejected pair changes nothing. A loaded
+s^T y > cancel_tol * eps * y^T H y (H the current factor), everything derived from the new
+memory (R, D, Y^T Y, gamma, the dense H) is finite and the new H meets the newest secant
+equation, ||H+ y - s|| <= secant_rtol ||s|| (1e-2 in float32, 1e-6 in float64: pairs of wildly
+different scales in one memory can break the compact form in rounding); a rejected pair
+changes nothing. A loaded
 state that is not finite is replaced by the empty memory (H = I) and counted in ``resets``.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ class LBFGSFactor(InverseFactor):
     accepts_dense_init = False
     #: keep H dense when dim <= dense_factor * memory (0: never; tests use it for both paths)
     dense_factor = 4
+    #: a new memory is kept only if ||H+ y - s|| <= secant_rtol ||s|| (float32, float64)
+    secant_rtol = (1e-2, 1e-6)
     options = {
         "memory": Option(100, "number of pairs p kept", type=int, low=1),
         "gamma": Option("one", "H0 = gamma I: 'one' or 'scaled' (s^T y / y^T y of the newest pair)",
@@ -153,8 +158,21 @@ class LBFGSFactor(InverseFactor):
             ok = ok & good_ratio
             gamma = torch.where(ok, ratio, self.gamma)
         derived = self._derive(rows, valid, gamma)
-        # the new memory must give a finite H: otherwise keep the old one (nothing changes)
-        ok = ok & self._finite([*derived, gamma])
+        # the new memory must give a finite H that satisfies the newest secant equation
+        # H+ y = s to secant_rtol (a memory mixing pairs of very different scales can break
+        # the compact form in rounding): otherwise keep the old one (nothing changes)
+        # (in the compact form H+ is also applied to the ones vector, a probe of overflow in
+        # its intermediate products)
+        r, dd, yy, dense = derived
+        if dense is not None:
+            h_y, probe = dense @ y, dense.sum(1)
+        else:
+            mat = torch.stack([y, torch.ones_like(y)], dim=1)
+            h_y, probe = self._compact(mat, (rows, r, dd, yy, gamma)).unbind(1)
+        resid = torch.linalg.vector_norm(h_y - s)
+        rtol = self.secant_rtol[self.dtype == torch.float64]
+        ok = (ok & self._finite([*derived, gamma, h_y, probe])
+              & (resid <= rtol * torch.linalg.vector_norm(s)))
         self._sy = torch.where(ok, rows, self._sy)
         self.valid = torch.where(ok, valid, self.valid)
         self.gamma = torch.where(ok, gamma, self.gamma)
