@@ -17,7 +17,7 @@ from kfqn.bench.report import evaluate_targets, markdown_table, summarise, targe
 from kfqn.bench.suite import load_suite, load_targets, resolve_methods, resolve_models
 from kfqn.core.errors import ConfigError, KfqnError
 
-HELP = "step time, phases and memory of every preset against SGD-m and Adam (issue 5)"
+HELP = "step time, phases and memory of every preset against SGD-m and Adam"
 SCHEMA = "kfqn-bench/1"
 
 
