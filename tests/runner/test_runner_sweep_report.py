@@ -186,3 +186,97 @@ def test_report_on_a_directory_without_runs(tmp_path):
         write_report(tmp_path)
     with pytest.raises(RunDirError, match="does not exist"):
         write_report(tmp_path / "nope")
+
+
+def _two_task_sweep(root):
+    for seed in (0, 1):
+        _fake_run(root, "curves", "a", seed, [(0, 0.0, 500.0), (1, 1.0, 160.0), (2, 2.0, 120.0)])
+        _fake_run(root, "digits", "a", seed, [(0, 0.0, 2.3), (1, 1.0, 0.5), (2, 2.0, 0.04)],
+                  task_type="classification")
+
+
+def test_report_targets_per_task_and_flags_meaningless_ones(tmp_path, capsys):
+    from kfqn import cli
+
+    root = tmp_path / "sweep"
+    _two_task_sweep(root)
+    # one number for both tasks: every digits run starts below 150 -> flagged, not "0 s"
+    report = write_report(root, target_loss=150.0, plots=False)
+    by_task = {g["task"]: g for g in report.groups}
+    assert by_task["curves"]["cpu_seconds_to_target_mean"] == 2.0
+    assert by_task["digits"]["cpu_seconds_to_target_mean"] is None
+    assert any("every run of digits starts below the target 150" in n for n in report.notes)
+    # per task: both meaningful
+    report = write_report(root, target_loss={"curves": 150.0, "digits": 0.05}, plots=False)
+    by_task = {g["task"]: g for g in report.groups}
+    assert by_task["curves"]["cpu_seconds_to_target_mean"] == 2.0
+    assert by_task["digits"]["cpu_seconds_to_target_mean"] == 2.0 and not report.notes
+    # a target no run reaches is flagged too
+    report = write_report(root, target_loss={"curves": 1.0, "digits": 0.05}, plots=False)
+    assert any("no run of curves reaches the target 1" in n for n in report.notes)
+    # the same from the command line, and a misspelt task is one line
+    assert cli.main(["report", str(root), "--target-loss", "curves=150,digits=0.05",
+                     "--no-plots"]) == 0
+    assert "target loss for digits: 0.05" in (root / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["report", str(root), "--target-loss", "curvse=150", "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Did you mean 'curves'" in err
+
+
+def test_report_target_from_the_config_mapping(tmp_path):
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "sweep"
+    _two_task_sweep(root)
+    for d in root.glob("*/*/seed*"):
+        OmegaConf.save(OmegaConf.create({"report": {"target_loss": {"curves": 150, "digits":
+                                                                      0.05}}}), d / "config.yaml")
+    report = write_report(root, plots=False)
+    assert {g["task"]: g["target_loss"] for g in report.groups} == {"curves": 150,
+                                                                    "digits": 0.05}
+
+
+def test_a_sweep_report_holds_only_the_sweeps_runs(tmp_path):
+    import json
+
+    root = tmp_path / "sweep"
+    mine = _fake_run(root, "curves", "a", 0, [(0, 0.0, 5.0), (1, 1.0, 4.0)])
+    _fake_run(root / "train", "curves", "a", 0, [(0, 0.0, 5.0), (1, 1.0, 1.0)])
+    (root / "sweep.json").write_text(json.dumps({"runs": [{"run_dir": str(mine)}]}))
+    report = write_report(root, plots=False)
+    assert len(report.runs) == 1 and report.groups[0]["final_train_loss_mean"] == 4.0
+
+
+def test_a_task_whose_runs_all_diverged_says_why(tmp_path):
+    root = tmp_path / "sweep"
+    _fake_run(root, "curves", "a", 0, [(0, 0.0, 5.0)], status="diverged")
+    report = write_report(root)
+    assert any("no run of curves finished (diverged)" in n for n in report.notes)
+    assert "no run of curves finished" in (root / "report.md").read_text()
+    assert not list((root / "plots").glob("*.png")) if (root / "plots").exists() else True
+
+
+def test_accuracy_plots_use_a_linear_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    calls = []
+    orig = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale",
+                        lambda self, v, **k: (calls.append((self, v)), orig(self, v, **k)))
+    root = tmp_path / "sweep"
+    _fake_run(root, "digits", "a", 0, [(0, 0.0, 2.3), (1, 1.0, 0.5), (2, 2.0, 0.04)],
+              task_type="classification")
+    d = root / "digits" / "a" / "seed0"
+    rows = read_csv(d / "epochs.csv")
+    # accuracies spanning more than a factor 3: a loss would get a log axis, accuracy must not
+    from kfqn.runner.logs import EPOCH_COLUMNS, CsvLog
+
+    log = CsvLog(d / "epochs.csv", EPOCH_COLUMNS)
+    for r, acc in zip(rows, (0.1, 0.6, 0.97)):
+        log.append({**{k: (float(v) if v not in ("", None) else None) for k, v in r.items()},
+                    "test_accuracy": acc})
+    write_report(root)
+    scales = [(ax.get_ylabel(), v) for ax, v in calls]  # labels are set after the scale
+    assert ("training loss incl. L2", "log") in scales  # losses 2.3 -> 0.04: log axis
+    assert not any(label == "test accuracy" and v == "log" for label, v in scales)
