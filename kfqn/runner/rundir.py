@@ -6,12 +6,17 @@ A run directory holds::
     status.json       status (running, finished, diverged, interrupted, failed) and summary
     steps.csv         training scalars every logging.every_steps steps
     epochs.csv        evaluations: train loss with and without L2, test loss / accuracy
-    checkpoint.pt     the latest checkpoint
+    checkpoint.pt     the latest checkpoint (verified by a checksum on load)
+    checkpoint.prev.pt      the one before it (the fallback when the latest is damaged)
     events.out.tfevents.*   TensorBoard logs
 
-A sweep directory holds ``sweep.yaml`` (the sweep's base config and overrides),
-``sweep.json`` (its runs), the run directories ``<task>/<method>/seed<k>`` and the report
-(``report.md``, ``report.csv``, ``runs.csv``, ``plots/``).
+``kfqn train`` puts runs under ``<root>/<name>/train/<task>/<method>/seed<k>``; the method is
+the preset plus the command-line overrides that change the experiment (``kbfgs-lr=0.1``).
+
+A sweep directory (``<root>/<name>``, or ``<root>/<name>-<overrides>`` for a sweep with
+overrides) holds ``sweep.yaml`` and ``overrides.txt`` (what the sweep was started with; kept on
+resume), ``sweep.json`` (its state and runs), the run directories ``<task>/<method>/seed<k>``
+and the report (``report.md``, ``report.csv``, ``runs.csv``, ``plots/``).
 """
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
 """Sweeps: the grid tasks x optimizer presets x ``sweep.grid`` points x seeds, run in order or
 in worker processes, each run in its own directory under the sweep directory.
 
-A run that fails (an exception, an optimizer that cannot precondition the model) or diverges is
-recorded and the sweep goes on with the next one. Ctrl-C stops the running run(s) cleanly
-(checkpointed) and ends the sweep; ``kfqn sweep CONFIG --resume`` then skips finished runs,
+Every run's config is composed and checked before the first run starts. A run that fails (an
+exception, an optimizer that cannot precondition the model) or diverges is recorded and the
+sweep goes on with the next one. Existing run directories are never taken over silently
+(:func:`check_existing`). Ctrl-C stops the queue, lets the running runs checkpoint and records
+the state in ``sweep.json``; ``kfqn sweep <sweep dir> --resume`` then skips finished runs,
 continues interrupted ones from their checkpoints and starts the rest.
 """
 from __future__ import annotations
