@@ -17,6 +17,7 @@ from torch.func import hessian
 
 import kfqn
 from kfqn.core.errors import ConfigError, KfqnError
+from kfqn.curvature.counter_rng import CounterRNG
 from kfqn.curvature.output_losses import OutputLoss
 from exact_curvature import ggn_block, gradient_outer, loss_jacobian
 from helpers import batches, make_closure, quiet, small_cnn, teacher_data
@@ -106,7 +107,8 @@ def test_sampled_fisher_is_outer_product_at_the_sampled_label(loss):
     opt = one_step(model, x, y, loss, "sampled", g_side={"seed": 11})
     for layer in ("0", "2"):
         jac, z0 = loss_jacobian(model, layer, x, lambda z: loss.value(z, y))
-        v = loss.sampled_cotangent(z0, torch.Generator().manual_seed(11))[0].reshape(-1)
+        v = loss.sampled_cotangent(z0, CounterRNG(11, torch.zeros((), dtype=torch.long)))
+        v = v[0].reshape(-1)
         g = jac.T @ v
         torch.testing.assert_close(kron_of(opt, layer), torch.outer(g, g), rtol=1e-9, atol=1e-12)
 
@@ -129,12 +131,14 @@ def test_hessian_sqrt_reproduces_the_output_hessian(kind, reduction, m, k, posit
     torch.testing.assert_close(gram, per_sample, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("counter", [False, True], ids=["torch_generator", "counter_rng"])
 @pytest.mark.parametrize("kind", ["cross_entropy", "sigmoid_cross_entropy", "mse"])
-def test_sampled_cotangents_average_to_the_output_fisher(kind):
+def test_sampled_cotangents_average_to_the_output_fisher(kind, counter):
     loss = OutputLoss(kind, "batch", 0.5)
     z = torch.tensor([[0.3, -1.0, 0.8]], dtype=F64)
     n = 40000
-    v = loss.sampled_cotangent(z, torch.Generator().manual_seed(0), samples=n).reshape(n, -1)
+    gen = (CounterRNG(5, torch.tensor(3)) if counter else torch.Generator().manual_seed(0))
+    v = loss.sampled_cotangent(z, gen, samples=n).reshape(n, -1)
     mc = v.T @ v                          # the cotangents carry 1/sqrt(n): this is the mean
     q = loss.hessian_sqrt(z).reshape(-1, 3)
     torch.testing.assert_close(mc, q.T @ q, rtol=0, atol=0.04)  # > 5 standard errors

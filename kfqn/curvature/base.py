@@ -138,6 +138,41 @@ class WarmStartSum:
         return out
 
 
+class FirstBatchStart:
+    """Bookkeeping of a factor started from "the first batch": the first *accepted* one.
+
+    A skipped first step (non-finite loss or gradient) must not fix the start. The start is
+    computed at the first step (masked to a finite stand-in where the batch was not usable) and
+    recomputed at later steps while ``pending`` (device) may still be set: on the CPU, where
+    reading it costs nothing, until it clears; on an accelerator no host read is made inside the
+    step, so there the first step's start stands (a skipped first step then leaves the
+    stand-in, lambda_A^{-1} I)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.pending = torch.ones((), dtype=torch.bool, device=device)
+        self.tried = False
+
+    def due(self) -> bool:
+        if not self.tried:
+            return True
+        return self.pending.device.type == "cpu" and bool(self.pending)
+
+    def taken(self, good: Tensor) -> None:
+        self.pending = self.pending & ~good
+        self.tried = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": self.pending, "tried": self.tried}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if state is None:  # checkpoints from before: the start was taken
+            self.pending = torch.zeros_like(self.pending)
+            self.tried = True
+            return
+        self.pending = state["pending"].to(self.pending.device).clone()
+        self.tried = bool(state["tried"])
+
+
 class AEstimator(_Estimator):
     """Input-side estimator: owns H_a (d_a x d_a); ``apply(M) = M H_a``."""
 

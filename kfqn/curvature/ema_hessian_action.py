@@ -19,7 +19,8 @@ from torch import Tensor
 
 from kfqn.core.components import Option
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import AEstimator, LayerContext, StepInfo, WarmStartSum
+from kfqn.curvature.base import (AEstimator, FirstBatchStart, LayerContext, StepInfo,
+                                 WarmStartSum)
 from kfqn.layers.capture import Capture
 
 
@@ -51,11 +52,13 @@ class EMAHessianActionA(AEstimator):
         #: the warm-start or first-batch A)
         self.ema_updates = torch.zeros((), dtype=torch.long, device=ctx.device)
         self._warm = WarmStartSum()
+        #: without a warm start, A and H_a start from the first accepted batch
+        self._start: FirstBatchStart | None = None
 
     def _cov(self, inp: Tensor) -> Tensor:
         return self.ctx.adapter.input_covariance(inp).to(self.ctx.dtype)
 
-    def _start(self, a: Tensor, lam_a: float) -> None:
+    def _set_start(self, a: Tensor, lam_a: float) -> None:
         self.a = a
         res = self.inversion.invert(a, lam_a)
         self.factor.reset(res.inverse if self.factor.accepts_dense_init else None)
@@ -69,14 +72,17 @@ class EMAHessianActionA(AEstimator):
         a = self._warm.mean()
         if a is None:
             return
-        self._start(a, lam_a)
+        self._set_start(a, lam_a)
 
     # -- per step --------------------------------------------------------------------------
     def prepare(self, cap: Capture, info: StepInfo) -> None:
-        if self.a is None:
+        if self.a is None and self._start is None:
+            self._start = FirstBatchStart(self.ctx.device)
+        if self._start is not None and self._start.due():
             a = self._cov(cap.inp)
             good = info.ok & torch.isfinite(a).all()
-            self._start(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
+            self._set_start(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
+            self._start.taken(good)
 
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m.T).T
@@ -116,7 +122,8 @@ class EMAHessianActionA(AEstimator):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"A": self.a, "ema_updates": self.ema_updates, "factor": self.factor.state_dict()}
+        return {"A": self.a, "ema_updates": self.ema_updates, "factor": self.factor.state_dict(),
+                "start": None if self._start is None else self._start.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         a = state["A"]
@@ -124,3 +131,8 @@ class EMAHessianActionA(AEstimator):
         self.ema_updates = torch.as_tensor(state["ema_updates"]).to(self.ctx.device,
                                                                     torch.long).clone()
         self.factor.load_state_dict(state["factor"])
+        start = state.get("start")
+        self._start = None
+        if start is not None:
+            self._start = FirstBatchStart(self.ctx.device)
+            self._start.load_state_dict(start)

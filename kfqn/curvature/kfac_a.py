@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor
 
 from kfqn.core.components import Option
@@ -34,7 +35,8 @@ class KFACA(KFACFactorMixin, AEstimator):
         super().__init__(ctx, options)
         self._init_factor(ctx.adapter.d_a)
         self.needs_warm_start = bool(self.opts["warm_start"])
-        self._skip_next_ema = False
+        #: device flag: the next accepted statistics step keeps the warm-start A as it is
+        self._skip_next_ema = torch.zeros((), dtype=torch.bool, device=ctx.device)
         self._warm = WarmStartSum()
 
     def _cov(self, inp: Tensor) -> Tensor:
@@ -49,13 +51,13 @@ class KFACA(KFACFactorMixin, AEstimator):
         if a is None:
             return
         self._set_factor(a)
-        self._skip_next_ema = True
+        self._skip_next_ema = torch.ones((), dtype=torch.bool, device=self.ctx.device)
 
     # -- per step ------------------------------------------------------------------------------
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.stats_due(info.step):
             skip = self._skip_next_ema
-            self._skip_next_ema = False
+            self._skip_next_ema = skip & ~info.ok   # consumed by an accepted step only
             self._absorb(self._cov(cap.inp), info.ok, skip_ema=skip)
         self._schedule_inverse(info.step, info.lam_a)
 
@@ -67,4 +69,5 @@ class KFACA(KFACFactorMixin, AEstimator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_factor_state(state)
-        self._skip_next_ema = bool(state["skip_next_ema"])
+        self._skip_next_ema = torch.as_tensor(state["skip_next_ema"]).to(self.ctx.device,
+                                                                          torch.bool).clone()

@@ -76,7 +76,8 @@ class KFACFactorMixin:
         self.mat: Tensor | None = None
         self.inverse: Tensor | None = None
         self.seen = torch.zeros((), dtype=torch.bool, device=ctx.device)
-        self.stat_updates = 0
+        #: accepted statistics updates (device; a skipped step leaves it alone)
+        self.stat_updates = torch.zeros((), dtype=torch.long, device=ctx.device)
         self.inversions = 0
         self._inverse_due = False
         self._gamma: float | Tensor = 0.0
@@ -93,19 +94,20 @@ class KFACFactorMixin:
                 or step % self.opts["inverse_every"] == 0)
 
     # -- statistics --------------------------------------------------------------------------
-    def _absorb(self, batch: Tensor, ok: Tensor, skip_ema: bool = False) -> None:
+    def _absorb(self, batch: Tensor, ok: Tensor, skip_ema: Tensor | None = None) -> None:
         """F <- beta F + (1 - beta) F_batch (F_batch itself the first time); a no-op where ``ok``
-        is false or F_batch is not finite. ``skip_ema``: keep F (iteration 0 after a warm start)."""
+        is false or F_batch is not finite. ``skip_ema`` (device bool): keep F (iteration 0
+        after a warm start)."""
         batch = batch.to(self.ctx.dtype)
         good = ok & torch.isfinite(batch).all()
         if self.mat is None:
             self.mat = torch.zeros_like(batch)
-        if not skip_ema:
-            beta = self.opts["beta"]
-            new = torch.where(self.seen, beta * self.mat + (1.0 - beta) * batch, batch)
-            self.mat = torch.where(good, new, self.mat)
-            self.seen = self.seen | good
-        self.stat_updates += 1
+        take = good if skip_ema is None else good & ~skip_ema
+        beta = self.opts["beta"]
+        new = torch.where(self.seen, beta * self.mat + (1.0 - beta) * batch, batch)
+        self.mat = torch.where(take, new, self.mat)
+        self.seen = self.seen | take
+        self.stat_updates = self.stat_updates + good.long()
         self._publish_trace()
 
     def _set_factor(self, mat: Tensor) -> None:
@@ -167,7 +169,7 @@ class KFACFactorMixin:
         self.mat = move(state["mat"])
         self.inverse = move(state["inverse"])
         self.seen = state["seen"].to(dev).clone()
-        self.stat_updates = int(state["stat_updates"])
+        self.stat_updates = torch.as_tensor(state["stat_updates"]).to(dev, torch.long).clone()
         self.inversions = int(state["inversions"])
         self._inverse_due = bool(state["inverse_due"])
         gamma = state["gamma"]

@@ -15,15 +15,16 @@ The sampled and exact variants need no second closure call: a forward hook on th
 :meth:`output_cotangents` from the model output to each layer's output before the user's
 backward. The loss they describe is declared here once: ``loss`` (cross_entropy,
 sigmoid_cross_entropy, mse), ``loss_reduction`` and ``mse_scale``
-(:mod:`kfqn.curvature.output_losses`). Labels are drawn from a generator of this estimator
-(``seed``; its state is checkpointed), so the global RNG stream is left alone.
+(:mod:`kfqn.curvature.output_losses`). Labels are drawn from this estimator's counter-based
+stream (:mod:`kfqn.curvature.counter_rng`: ``seed`` and a device counter of accepted
+statistics steps, checkpointed), so the global RNG stream is left alone and a skipped step
+leaves the next draws unchanged.
 
 H_g = (G + gamma_G I)^{-1} every T2 steps, gamma_G = sqrt(lambda) (or the pi-split);
 cadences, damping and inversion: :mod:`kfqn.curvature.kfac_factor`.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping
 
 import torch
@@ -32,6 +33,7 @@ from torch import Tensor
 from kfqn.core.components import Option
 from kfqn.core.errors import KfqnError
 from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
+from kfqn.curvature.counter_rng import CounterRNG
 from kfqn.curvature.kfac_factor import CADENCE_OPTIONS, KFACFactorMixin
 from kfqn.curvature.output_losses import LOSSES, REDUCTIONS, OutputLoss
 from kfqn.layers.capture import Capture
@@ -69,34 +71,24 @@ class KFACG(KFACFactorMixin, GEstimator):
         self.needs_sampled_grads = fisher in ("sampled", "exact")
         self.loss = OutputLoss(self.opts["loss"], self.opts["loss_reduction"],
                                self.opts["mse_scale"])
-        self._generator: torch.Generator | None = None
-        self._pending_rng: Tensor | None = None
+        #: accepted statistics steps: the label sampler's counter (it stays put on skipped steps)
+        self.draws = torch.zeros((), dtype=torch.long, device=ctx.device)
+        seed = self.opts["seed"]
+        self.seed = torch.initial_seed() if seed is None else int(seed)
 
     # -- the model-output hook's side ----------------------------------------------------------
     def wants_sampled_grads(self, step: int) -> bool:
         """Whether the optimizer should run the auxiliary backward in step ``step``."""
         return self.needs_sampled_grads and self.stats_due(step)
 
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            seed = self.opts["seed"]
-            gen = torch.Generator(device=device)
-            gen.manual_seed(torch.initial_seed() if seed is None else seed)
-            if self._pending_rng is not None:
-                try:
-                    gen.set_state(self._pending_rng)
-                except RuntimeError:
-                    warnings.warn("K-FAC label sampler: the checkpointed generator state does not "
-                                  f"fit a generator on {device}; sampling restarts from the seed")
-                self._pending_rng = None
-            self._generator = gen
-        return self._generator
+    def _rng(self) -> CounterRNG:
+        return CounterRNG(self.seed, self.draws)
 
     def output_cotangents(self, output: Tensor) -> Tensor:
         """(R, *output.shape) vectors to backpropagate from the model output (see module doc)."""
         if self.opts["fisher"] == "exact":
             return self.loss.hessian_sqrt(output)
-        return self.loss.sampled_cotangent(output, self._rng(output.device), self.opts["samples"])
+        return self.loss.sampled_cotangent(output, self._rng(), self.opts["samples"])
 
     # -- statistics -----------------------------------------------------------------------------
     def _batch_statistic(self, cap: Capture) -> Tensor:
@@ -122,6 +114,8 @@ class KFACG(KFACFactorMixin, GEstimator):
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.stats_due(info.step):
             self._absorb(self._batch_statistic(cap), info.ok)
+            if self.needs_sampled_grads:
+                self.draws.add_(info.ok.long())
         self._schedule_inverse(info.step, info.mu2)
 
     def apply(self, m: Tensor) -> Tensor:
@@ -129,11 +123,10 @@ class KFACG(KFACFactorMixin, GEstimator):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        rng = self._generator.get_state() if self._generator is not None else self._pending_rng
-        return {**self._factor_state(), "rng": rng}
+        return {**self._factor_state(), "draws": self.draws, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_factor_state(state)
-        rng = state.get("rng")
-        self._pending_rng = None if rng is None else rng.clone()
-        self._generator = None
+        if "draws" in state:
+            self.draws = state["draws"].to(self.ctx.device, torch.long).clone()
+            self.seed = int(state["seed"])

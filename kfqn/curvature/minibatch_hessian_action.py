@@ -15,7 +15,7 @@ from torch import Tensor
 from kfqn.core.components import Option
 from kfqn.core.errors import ConfigError
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import AEstimator, LayerContext, StepInfo
+from kfqn.curvature.base import AEstimator, FirstBatchStart, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
 
 
@@ -46,18 +46,22 @@ class MinibatchHessianActionA(AEstimator):
         self.damping = ctx.damping(self.opts["damping"])
         self.inversion = ctx.inversion(self.opts["inversion"])
         self.initialised = False
+        self._start = FirstBatchStart(ctx.device)
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
-        if self.initialised:
+        if self.opts["init"] == "identity":
+            if not self.initialised:
+                self.factor.reset(None)
+            self.initialised = True
+            return
+        if not self._start.due():  # H_a from the first accepted batch (FirstBatchStart)
             return
         self.initialised = True
-        if self.opts["init"] == "identity":
-            self.factor.reset(None)
-            return
         a = self.ctx.adapter.input_covariance(cap.inp).to(self.ctx.dtype)
         good = info.ok & torch.isfinite(a).all()
         res = self.inversion.invert(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
         self.factor.reset(res.inverse)
+        self._start.taken(good)
         self._stats["a_inversion_fallback"] = res.fallback
 
     def apply(self, m: Tensor) -> Tensor:
@@ -79,8 +83,12 @@ class MinibatchHessianActionA(AEstimator):
         return {"H_a": self.factor.dense()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initialised": self.initialised, "factor": self.factor.state_dict()}
+        return {"initialised": self.initialised, "factor": self.factor.state_dict(),
+                "start": self._start.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.initialised = bool(state["initialised"])
         self.factor.load_state_dict(state["factor"])
+        start = state.get("start")
+        if start is not None or self.initialised:
+            self._start.load_state_dict(start)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kfqn.curvature.counter_rng import CounterRNG
 from torch import Tensor
 
 from kfqn.core.errors import KfqnError
@@ -71,10 +73,14 @@ class OutputLoss:
         return max(1, math.prod(dims))
 
     # -- true Fisher: sampled labels -------------------------------------------------------------
-    def sampled_cotangent(self, z: Tensor, generator: torch.Generator, samples: int = 1) -> Tensor:
+    def sampled_cotangent(self, z: Tensor, generator: "torch.Generator | CounterRNG",
+                          samples: int = 1) -> Tensor:
         """(samples, *z.shape): grad_z of sum_i l_i(z_i, yhat_i) for ``samples`` independent
         draws yhat ~ p(. | z), each scaled by 1/sqrt(samples) so that sum_r v_r v_r^T is the
-        Monte Carlo mean."""
+        Monte Carlo mean. ``generator``: a ``torch.Generator`` or a
+        :class:`~kfqn.curvature.counter_rng.CounterRNG` (the optimizer's: it does not move on
+        skipped steps)."""
+        counter = isinstance(generator, CounterRNG)
         self.check(z)
         z = finite(z)
         scale = 1.0 / (self._per_sample_elements(z) * math.sqrt(samples))
@@ -82,14 +88,17 @@ class OutputLoss:
         if self.kind == "cross_entropy":
             p = torch.softmax(zz, dim=1)
             last = p.movedim(1, -1)
-            idx = torch.multinomial(last.reshape(-1, p.shape[1]), 1, generator=generator)
+            rows = last.reshape(-1, p.shape[1])
+            idx = (generator.categorical(rows) if counter
+                   else torch.multinomial(rows, 1, generator=generator))
             onehot = F.one_hot(idx.reshape(-1), p.shape[1]).to(p.dtype).reshape(last.shape)
             v = p - onehot.movedim(-1, 1)
         elif self.kind == "sigmoid_cross_entropy":
             s = torch.sigmoid(zz)
-            v = s - torch.bernoulli(s, generator=generator)
+            v = s - (generator.bernoulli(s) if counter else torch.bernoulli(s, generator=generator))
         else:  # mse: 2c (z - yhat), yhat = z + eps / sqrt(2c)
-            eps = torch.randn(zz.shape, generator=generator, dtype=zz.dtype, device=zz.device)
+            eps = (generator.normal(zz.shape, zz.dtype) if counter else
+                   torch.randn(zz.shape, generator=generator, dtype=zz.dtype, device=zz.device))
             v = -math.sqrt(2.0 * self.mse_scale) * eps
         return (v * scale).reshape(samples, *z.shape)
 

@@ -110,7 +110,7 @@ class SecantPairsG(GEstimator):
             return
         self.prev_h = torch.where(info.ok, self._cast(cap.h_mean), self.prev_h)
         self.prev_g = torch.where(info.ok, self._cast(cap.g_mean), self.prev_g)
-        self.has_prev = info.ok.clone()
+        self.has_prev = self.has_prev | info.ok  # a skipped step keeps the pair it would close
 
     def factors(self) -> dict[str, Tensor]:
         return {"H_g": self.factor.dense()}

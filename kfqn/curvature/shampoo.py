@@ -81,7 +81,9 @@ class _ShampooSide:
         self.stat = torch.zeros(dim, dim, dtype=dt, device=dev)
         self.seen = torch.zeros((), dtype=torch.bool, device=dev)
         self.root_inv: Tensor | None = None
-        self.updates = 0
+        #: accepted statistics updates (device; a skipped step leaves it alone)
+        self.updates = torch.zeros((), dtype=torch.long, device=dev)
+        self._tried = False  # host: statistics were attempted once (the first step always is)
         self.inversions = 0
 
     def _outer(self, mbar: Tensor) -> Tensor:
@@ -89,7 +91,8 @@ class _ShampooSide:
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         step = info.step
-        if step % self.opts["stats_every"] == 0 or self.updates == 0:
+        if step % self.opts["stats_every"] == 0 or not self._tried:
+            self._tried = True
             mbar = self.ctx.adapter.homogeneous_grad().to(self.ctx.dtype)
             outer = self._outer(mbar)
             good = info.ok & torch.isfinite(outer).all()
@@ -98,7 +101,7 @@ class _ShampooSide:
                 self.seen, beta * self.stat + (1.0 - beta) * outer, outer)
             self.stat = torch.where(good, new, self.stat)
             self.seen = self.seen | good
-            self.updates += 1
+            self.updates = self.updates + good.long()
         due = (self.root_inv is None or step < self.opts["inverse_warmup"]
                or step % self.opts["inverse_every"] == 0)
         if self.opts["precondition"] and due:
@@ -125,7 +128,8 @@ class _ShampooSide:
         self.seen = state["seen"].to(dev).clone()
         r = state["root_inv"]
         self.root_inv = None if r is None else r.to(dev, dt).clone()
-        self.updates = int(state["updates"])
+        self.updates = torch.as_tensor(state["updates"]).to(dev, torch.long).clone()
+        self._tried = True
         self.inversions = int(state["inversions"])
 
 
