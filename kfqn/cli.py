@@ -214,6 +214,9 @@ def _run_sweep(args: argparse.Namespace) -> int:
         if not args.resume and not args.dry_run:
             raise RunDirError(f"{src} is a sweep directory; continue it with kfqn sweep {src} "
                               "--resume, or give its config (file or name) for a new sweep")
+        saved = (src / "overrides.txt").read_text().split("\n") \
+            if (src / "overrides.txt").exists() else []
+        overrides = C.parse_overrides([o for o in saved if o.strip()]) + overrides
         base = C.base_config(src / SWEEP_CONFIG, overrides)
         sweep_dir = src
     else:
