@@ -25,10 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from kfqn.core.assembly import ComponentBuilder
+from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
 from kfqn.core.finite import all_finite, all_finite_many
 from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.registry import Registry, default_registry
+from kfqn.core.state_check import check_like, clone_tree
 from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
 from kfqn.layers.base import LayerAdapter
 from kfqn.layers.capture import Capture, CaptureHooks
@@ -115,7 +117,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 raise ConfigError("the model has no trainable parameters (requires_grad=True)")
             groups: list[dict] = [{"params": params}]
         else:
-            groups = [dict(g) for g in param_groups]
+            groups = [validate_param_group(i, g) for i, g in enumerate(param_groups)]
         super().__init__(groups, defaults)
         self.factor_dtype = _dtype(config["factor_dtype"])
         self._step_count = 0
@@ -567,6 +569,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
         out: dict[str, dict[str, float]] = {}
         for name, layer in self.layers.items():
             row = {k: float(v) for k, v in {**layer.a.stats(), **layer.g.stats()}.items()}
+            for side, est in (("a", layer.a), ("g", layer.g)):
+                factor_stats = getattr(getattr(est, "factor", None), "stats", None)
+                if factor_stats is not None:  # resets of a factor that became non-finite
+                    row.update({f"{side}_{k}": float(v) for k, v in factor_stats().items()})
             row["dir_rejected"] = float(layer.dir_rejected)
             for key, mat in self._factor_dict(layer).items():
                 if key.startswith("H_"):
@@ -600,13 +606,21 @@ class KFQNOptimizer(torch.optim.Optimizer):
         return total
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def _model_signature(self) -> dict[str, Any]:
+        """What the checkpoint was written for: every trainable parameter's shape and dtype, and
+        the type of every preconditioned module (a conv kernel 3x3 and 1x9 have the same factor
+        sizes; this tells them apart)."""
+        return {"params": {n: [list(p.shape), str(p.dtype)]
+                           for n, p in self.model.named_parameters() if p.requires_grad},
+                "modules": {n: type(l.module).__name__ for n, l in self.layers.items()}}
+
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint keyed by module and parameter names (portable to a fresh model)."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        pnames = {id(p): n for n, p in self.model.named_parameters()}
         groups = []
         for g in self.param_groups:
             entry = {k: v for k, v in g.items() if k != "params"}
-            entry["param_names"] = [names[id(p)] for p in g["params"]]
+            entry["param_names"] = [pnames[id(p)] for p in g["params"]]
             groups.append(entry)
         layers = {}
         for name, layer in self.layers.items():
@@ -617,34 +631,110 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 "warm_started": self._warm_started, "param_groups": groups, "layers": layers,
                 "fallback": self.fallback.state_dict(), "nonfinite_steps": self.nonfinite_steps,
                 "released": [[names, fb.state_dict()] for names, fb in self._late_fallbacks],
-                "unsupported": dict(self.unsupported)}
+                "unsupported": dict(self.unsupported), "model": self._model_signature()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint from :meth:`state_dict`; mismatches raise a clear error."""
+    def _check_checkpoint(self, state_dict: Any) -> None:
+        """Everything :meth:`load_state_dict` checks before it changes anything (one line)."""
         if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
             raise KfqnError(f"not a kfqn optimizer checkpoint (expected format {STATE_FORMAT!r})")
-        theirs, ours = state_dict["config"], self.config
+        theirs, ours = state_dict.get("config"), self.config
+        if not isinstance(theirs, dict):
+            raise KfqnError("checkpoint does not fit this optimizer: state.config is missing; "
+                            "nothing was loaded")
         diff = sorted(k for k in set(theirs) | set(ours)
                       if k not in HYPER_KEYS and theirs.get(k) != ours.get(k))
         if diff:
             raise KfqnError(f"checkpoint was written by a differently configured optimizer; keys "
                             f"that differ: {', '.join(diff)}. Build the optimizer with the "
                             "checkpoint's config (state_dict()['config']).")
+        sig, mine = state_dict.get("model"), self._model_signature()
+        if isinstance(sig, dict):
+            for kind in ("params", "modules"):
+                got, want = sig.get(kind, {}), mine[kind]
+                released = {n for names, _ in state_dict.get("released", []) for n in names}
+                for name in sorted(set(got) | set(want)):
+                    if kind == "modules" and name in released:
+                        continue
+                    if got.get(name) != want.get(name):
+                        raise KfqnError(
+                            f"checkpoint does not fit this model: {kind[:-1]} {name!r} is "
+                            f"{got.get(name, 'absent')} in the checkpoint, "
+                            f"{want.get(name, 'absent')} here; nothing was loaded")
+        layers = state_dict.get("layers")
+        if not isinstance(layers, dict):
+            raise KfqnError("checkpoint does not fit this optimizer: state.layers is missing; "
+                            "nothing was loaded")
+        released = [names for names, _ in state_dict.get("released", [])]
+        mine_released = [names for names, _ in self._late_fallbacks]
+        will_release = [n for names in released if names not in mine_released for n in names]
+        unknown = [n for n in will_release if n not in self.layers]
+        expected_layers = set(self.layers) - set(will_release)
+        missing = sorted(expected_layers - set(layers))
+        extra = sorted(set(layers) - expected_layers) + unknown
+        if missing or extra:
+            raise KfqnError(f"checkpoint layers do not match this model: missing {missing}, "
+                            f"unexpected {extra}; nothing was loaded")
+        pnames = {id(p): n for n, p in self.model.named_parameters()}
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise KfqnError("checkpoint has a different number of param groups; nothing was "
+                            "loaded")
+        for i, (g, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or \
+                    [pnames[id(p)] for p in g["params"]] != saved.get("param_names"):
+                raise KfqnError(f"checkpoint param_groups[{i}] holds different parameters; "
+                                "nothing was loaded")
+            for key in GROUP_KEYS:
+                if key in saved:
+                    validate_param_group(i, {key: saved[key]})
+        expected = self.state_dict()
+        for name in will_release:
+            expected["layers"].pop(name)
+        expected["released"] = []
+        for names, _ in state_dict.get("released", []):
+            mine_fb = next((fb for n, fb in self._late_fallbacks if n == names), None)
+            if mine_fb is None:
+                mine_fb = self._make_fallback(self._entries_of(names))
+            expected["released"].append([names, mine_fb.state_dict()])
+        check_like(expected, state_dict)
+
+    def _entries_of(self, layer_names: list[str]) -> list:
+        pnames = {id(p): n for n, p in self.model.named_parameters()}
+        return [(pnames[id(p)], p, self.param_groups[self.layers[n].group])
+                for n in layer_names for p in self.layers[n].adapter.params()]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict`.
+
+        Every tensor is checked first (shape, dtype, the parameter and module it belongs to):
+        a mismatch raises one :class:`KfqnError` line naming the first one, and nothing is
+        loaded; a failure while loading rolls back to the state before. As in ``torch.optim``,
+        the checkpoint's hyper-parameters (lr, momentum, weight_decay, damping of each param
+        group) replace those this optimizer was built with, so that a resumed run continues
+        exactly; a warning names each one that differs (set them after loading to change them).
+        """
+        self._check_checkpoint(state_dict)
+        for i, (g, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            changed = [f"{k}={saved[k]!r} (was {g[k]!r})" for k in GROUP_KEYS
+                       if k in saved and k in g and saved[k] != g[k]]
+            if changed:
+                warnings.warn(f"load_state_dict: param_groups[{i}] takes the checkpoint's "
+                              f"{', '.join(changed)}; set them after loading to change them",
+                              stacklevel=2)
         for names, _ in state_dict.get("released", []):
             if all(n in self.layers for n in names):
                 self._release(names, state_dict.get("unsupported", {}).get(
                     names[0], "released by the checkpoint's optimizer"))
-        missing = sorted(set(self.layers) - set(state_dict["layers"]))
-        extra = sorted(set(state_dict["layers"]) - set(self.layers))
-        if missing or extra:
-            raise KfqnError(f"checkpoint layers do not match this model: missing {missing}, "
-                            f"unexpected {extra}")
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise KfqnError("checkpoint has a different number of param groups")
+        snapshot = clone_tree(self.state_dict())
+        try:
+            self._load_checked(state_dict)
+        except Exception as exc:
+            self._load_checked(snapshot)
+            raise KfqnError(f"checkpoint could not be loaded ({type(exc).__name__}: {exc}); "
+                            "the optimizer state is as it was") from None
+
+    def _load_checked(self, state_dict: dict[str, Any]) -> None:
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            if [names[id(p)] for p in g["params"]] != saved["param_names"]:
-                raise KfqnError("checkpoint param groups hold different parameters")
             for k, v in saved.items():
                 if k != "param_names":
                     g[k] = v
@@ -655,12 +745,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
             layer.momentum = s["momentum"].to(layer.momentum).clone()
             layer.started = s["started"].to(layer.started.device).clone()
             layer.dir_rejected = s["dir_rejected"].to(layer.dir_rejected.device).clone()
-        try:
-            self.fallback.load_state_dict(state_dict["fallback"])
-            for (_, fb), (_, state) in zip(self._late_fallbacks, state_dict.get("released", [])):
-                fb.load_state_dict(state)
-        except KeyError as exc:
-            raise KfqnError(f"checkpoint lacks fallback state for parameter {exc}") from None
+        self.fallback.load_state_dict(state_dict["fallback"])
+        for (_, fb), (_, state) in zip(self._late_fallbacks, state_dict.get("released", [])):
+            fb.load_state_dict(state)
         self._step_count = int(state_dict["step"])
         self._warm_started = bool(state_dict["warm_started"])
         self.nonfinite_steps = state_dict["nonfinite_steps"].to(self._device()).clone()
