@@ -1,8 +1,8 @@
-"""Compare the quasi-Newton presets with the baselines (SPEC §4-5), small and on the CPU.
+"""Compare the quasi-Newton presets with the baselines (docs/algorithms.md §4-5), small and on the CPU.
 
 Two problems, each trained from the same initialisation and data order by every preset:
 
-* ``curves``: a CURVES-like autoencoder (SPEC §5, scaled down): 16x16 images of quadratic
+* ``curves``: a CURVES-like autoencoder (docs/algorithms.md §7, scaled down): 16x16 images of quadratic
   curves through three random points (Hinton & Salakhutdinov's recipe), 2000 images,
   256-128-64-32-8-32-64-128-256 with ReLU hidden layers and a linear code layer, sigmoid
   cross-entropy summed over pixels and averaged over samples, batch 100;

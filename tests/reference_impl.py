@@ -8,7 +8,7 @@ pass is functional so that torch.autograd gives dL/dh for every pre-activation h
 (A, v, hbar, gbar, Mbar) are accumulated with explicit Python loops over samples i and output
 positions t; conv patches come from an explicit loop im2col (checked against ``F.unfold``).
 
-Readings of the SPEC taken here (see the tests' docstrings and the report):
+Readings of docs/algorithms.md taken here (see the tests' docstrings and the report):
 
 * homogeneous layout Wbar = [W reshaped (d_g, d_a - 1), b], abar = [a; 1];
 * g_{i,t} = m * dL/dh_{i,t} (L the mean-reduced, unregularised loss); hbar, gbar, v are means
@@ -387,7 +387,7 @@ class ReferenceKBFGS:
                       else LBFGSInverse(d_g, self.cfg.lbfgs_memory))
 
     def lam_a(self, T: int) -> float:
-        """lambda_A of a layer with T output positions (SPEC §2 conv_damping_split)."""
+        """lambda_A of a layer with T output positions (docs/algorithms.md §2 conv_damping_split)."""
         if T > 1 and self.cfg.conv_split == "sqrt_T":
             return math.sqrt(self.cfg.lam * T)
         return math.sqrt(self.cfg.lam)

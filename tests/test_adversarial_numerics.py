@@ -273,7 +273,7 @@ def test_damping_reproducers_from_the_stress_run():
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_comparisons_are_non_strict(rule):
-    """SPEC: Powell fires when s^T y <= mu1 y^T H y; DD's second stage when s^T y / s^T s <= mu2."""
+    """docs/algorithms.md §3.3-3.4: Powell fires when s^T y <= mu1 y^T H y; DD's second stage when s^T y / s^T s <= mu2."""
     h = lambda v: v  # noqa: E731
     s = torch.tensor([1.0, 0.0], dtype=torch.float64)
     y = torch.tensor([0.25, 0.0], dtype=torch.float64)  # y^T H y = 1/16, s^T y = 1/4 ... scale:

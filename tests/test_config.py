@@ -88,3 +88,12 @@ def test_merge_rules():
     assert merge(base, {"a": "x"}) == base
     assert merge({"a": "x"}, {"a": {"k": 1}}) == {"a": {"name": "x", "k": 1}}
     assert merge(base, {"a": {"name": "y", "j": 3}}) == {"a": {"name": "y", "j": 3}, "b": 1}
+
+
+def test_options_of_a_default_component_without_its_name():
+    """``a_side.inversion.host_reads=never`` where the preset leaves the inversion at its
+    default: the options go to the default component (cholesky), not a missing-name error."""
+    cfg = resolve_config("kbfgs", REG, dotlist=["a_side.inversion.host_reads=never"])
+    assert cfg["a_side"]["inversion"] == {"name": "cholesky", "min_eig": 0.0, "host_reads": "never"}
+    with pytest.raises(ConfigError, match="host_reads"):
+        resolve_config("kbfgs", REG, dotlist=["a_side.inversion.host_reads=sometimes"])

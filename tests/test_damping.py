@@ -1,4 +1,4 @@
-"""Damping guarantees of SPEC §3: Powell, DD, DDV2 (and 'none' leaves the pair alone)."""
+"""Damping guarantees of docs/algorithms.md §3: Powell, DD, DDV2 (and 'none' leaves the pair alone)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""First-order presets (SPEC §4: ``sgd_m``, ``adam``, ``rmsprop``) against torch.optim, step for
+"""First-order presets (docs/algorithms.md §4: ``sgd_m``, ``adam``, ``rmsprop``) against torch.optim, step for
 step; their options (torch defaults, decoupled weight decay, centred RMSprop); non-finite steps;
 checkpoints; and that they are presets like every other one."""
 from __future__ import annotations

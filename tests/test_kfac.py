@@ -1,4 +1,4 @@
-"""K-FAC (SPEC §4) against exact oracles: for one datum A ⊗ G is the exact Fisher / GGN block
+"""K-FAC (docs/algorithms.md §4) against exact oracles: for one datum A ⊗ G is the exact Fisher / GGN block
 (torch.func), for Linear and for Conv2d where the KFC assumptions hold exactly; deep linear
 networks with squared error; the Conv2d A factor against explicit unfold sums; the sampled-label
 machinery; cadences; warm start; pi-split damping; preconditioning off = SGD; resume."""

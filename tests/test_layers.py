@@ -1,4 +1,4 @@
-"""Layer adapters and capture hooks (SPEC §1-2): captured quantities reconstruct autograd's
+"""Layer adapters and capture hooks (docs/algorithms.md §1-2): captured quantities reconstruct autograd's
 gradients; the minibatch Hessian action, input mean and A match explicit unfold computations."""
 from __future__ import annotations
 

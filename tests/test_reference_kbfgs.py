@@ -1,4 +1,4 @@
-"""K-BFGS / K-BFGS(L) (SPEC §3-4, presets ``kbfgs`` and ``kbfgs_l``) against an independent dense
+"""K-BFGS / K-BFGS(L) (docs/algorithms.md §3-4, presets ``kbfgs`` and ``kbfgs_l``) against an independent dense
 float64 reference (tests/reference_impl.py) on a tiny MLP (Linear 4->5, tanh, Linear 5->3).
 
 Every step compares the parameters, the factors H_a, A and H_g of ``opt.factors()`` and the loss

@@ -1,4 +1,4 @@
-"""KF-BFGS-CNN (SPEC §2-4, presets ``kfbfgs_cnn`` / ``kfbfgs_l_cnn``) against an independent dense
+"""KF-BFGS-CNN (docs/algorithms.md §2-4, presets ``kfbfgs_cnn`` / ``kfbfgs_l_cnn``) against an independent dense
 float64 reference (tests/reference_impl.py) on a tiny conv net: Conv2d (bias, stride/padding, or
 dilation with a rectangular kernel), tanh, Flatten, Linear.
 

@@ -1,4 +1,4 @@
-"""Shampoo (SPEC §4): statistics from the homogeneous gradient, inverse fourth roots, the first
+"""Shampoo (docs/algorithms.md §4): statistics from the homogeneous gradient, inverse fourth roots, the first
 step in closed form, cadences, grafting, preconditioning off = SGD, resume."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """BFGS / L-BFGS inverse updates: secant equation, symmetry, positive definiteness, skipping,
-and dense BFGS == L-BFGS while the memory holds every pair (SPEC §3)."""
+and dense BFGS == L-BFGS while the memory holds every pair (docs/algorithms.md §3)."""
 from __future__ import annotations
 
 import pytest

@@ -178,7 +178,10 @@ def validate_section(raw: Mapping[str, Any], schema: Mapping[str, Option | Sub],
     for key, spec in schema.items():
         path = _join(where, key)
         if isinstance(spec, Sub):
-            out[key] = validate_component(raw.get(key, spec.default), spec.kind, path, registry)
+            value = raw.get(key, spec.default)
+            if isinstance(value, Mapping) and "name" not in value:
+                value = {"name": spec.default, **value}  # options of the default component
+            out[key] = validate_component(value, spec.kind, path, registry)
         else:
             out[key] = spec.validate(path, raw.get(key, spec.default))
     return out

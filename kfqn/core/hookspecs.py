@@ -22,23 +22,23 @@ class KfqnHookSpecs:
 
     @hookspec
     def kfqn_layer_adapters(self) -> list:
-        """Layer adapters: map a module type to Kronecker-factor quantities (SPEC §1-2)."""
+        """Layer adapters: map a module type to Kronecker-factor quantities (docs/algorithms.md §1-2)."""
 
     @hookspec
     def kfqn_a_estimators(self) -> list:
-        """Input-side (A / H_a) curvature estimators (SPEC §3)."""
+        """Input-side (A / H_a) curvature estimators (docs/algorithms.md §3)."""
 
     @hookspec
     def kfqn_g_estimators(self) -> list:
-        """Output-side (G / H_g) curvature estimators (SPEC §3)."""
+        """Output-side (G / H_g) curvature estimators (docs/algorithms.md §3)."""
 
     @hookspec
     def kfqn_factor_updates(self) -> list:
-        """Inverse-factor update rules: BFGS, L-BFGS, ... (SPEC §3)."""
+        """Inverse-factor update rules: BFGS, L-BFGS, ... (docs/algorithms.md §3)."""
 
     @hookspec
     def kfqn_dampings(self) -> list:
-        """Damping rules applied to secant pairs: Powell, DD, DDV2, ... (SPEC §3)."""
+        """Damping rules applied to secant pairs: Powell, DD, DDV2, ... (docs/algorithms.md §3)."""
 
     @hookspec
     def kfqn_inversions(self) -> list:
@@ -50,7 +50,7 @@ class KfqnHookSpecs:
 
     @hookspec
     def kfqn_presets(self) -> list:
-        """Named optimizer configurations (SPEC §4): list of ``Preset`` records."""
+        """Named optimizer configurations (docs/algorithms.md §4): list of ``Preset`` records."""
 
     @hookspec
     def kfqn_datasets(self) -> list:

@@ -1,4 +1,4 @@
-"""The kfqn optimizer: per-layer Kronecker-factored quasi-Newton steps (SPEC §3-4).
+"""The kfqn optimizer: per-layer Kronecker-factored quasi-Newton steps (docs/algorithms.md §3-4).
 
 For every preconditioned layer l (a module an adapter takes):
 
@@ -308,7 +308,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
     # -- warm start ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def warm_start(self) -> Iterator["KFQNOptimizer"]:
-        """Forward-only pass that initialises A factors (SPEC §3)::
+        """Forward-only pass that initialises A factors (docs/algorithms.md §3)::
 
             with opt.warm_start():
                 for x, _ in loader:
@@ -403,7 +403,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
     def _on_model_output(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         """Forward hook on the root model: before the user's backward, backpropagate the
         cotangents the G estimators ask for (``output_cotangents``; e.g. the gradient of the loss
-        at labels sampled from the model, SPEC §4 K-FAC) from the model output to every captured
+        at labels sampled from the model, docs/algorithms.md §4 K-FAC) from the model output to every captured
         layer output h, into ``Capture.sampled_grad_out`` (R, *h.shape). Capture hooks are muted
         meanwhile, so the true-label quantities come from the user's backward alone."""
         if (not self._sampling_layers or not torch.is_grad_enabled()
@@ -483,7 +483,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         if active and self.needs_warm_start and not self._warned_no_warm:
             warnings.warn(
                 f"{self.config['name']}: A factors start from the first batch because "
-                "opt.warm_start() was not run before training (SPEC §3 warm start); set "
+                "opt.warm_start() was not run before training (docs/algorithms.md §3 warm start); set "
                 "a_side.warm_start=false to make this the intended behaviour", stacklevel=2)
             self._warned_no_warm = True
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Curvature estimators: how each side's inverse factor (H_a, H_g) is fed (SPEC §3)."""
+"""Curvature estimators: how each side's inverse factor (H_a, H_g) is fed (docs/algorithms.md §3)."""
 from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
 from kfqn.curvature.ema_hessian_action import EMAHessianActionA
 from kfqn.curvature.kfac_a import KFACA

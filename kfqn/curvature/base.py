@@ -1,6 +1,6 @@
 """Contracts for the A-side and G-side curvature estimators of one layer.
 
-The optimizer calls, per layer and step, in this order (SPEC §3-4):
+The optimizer calls, per layer and step, in this order (docs/algorithms.md §3-4):
 
 1. ``prepare(cap, info)`` on both sides, before the direction is formed (initialisation at
    iteration 0; for ``next_iterate`` pairs, the pair ending at this iterate);
@@ -54,7 +54,7 @@ class StepInfo:
 
     ok: Tensor
     step: int
-    lam_a: float  # damping added to A (SPEC §2-3: sqrt(lambda), conv split by option)
+    lam_a: float  # damping added to A (docs/algorithms.md §2-3: sqrt(lambda), conv split by option)
     mu2: float    # second damping constant of the G pair
     extra: dict = field(default_factory=dict)
 
@@ -116,7 +116,7 @@ class _Estimator(Component):
 
 
 class WarmStartSum:
-    """Sum of per-batch A over a forward-only warm-start pass (SPEC §3):
+    """Sum of per-batch A over a forward-only warm-start pass (docs/algorithms.md §3):
     ``mean()`` = (1/N) sum over all N samples of sum_t abar abar^T, then the sum is cleared."""
 
     def __init__(self) -> None:

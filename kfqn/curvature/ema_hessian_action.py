@@ -1,4 +1,4 @@
-"""A side of K-BFGS [P2]: EMA of A and Hessian-action BFGS for H_a (SPEC §3).
+"""A side of K-BFGS [P2]: EMA of A and Hessian-action BFGS for H_a (docs/algorithms.md §3).
 
 A <- beta A + (1 - beta) (1/m) sum_i abar abar^T (beta = 0.9), warm-started by a forward-only
 pass over the training data (or, without it, set from the first batch); the EMA update is

@@ -1,9 +1,9 @@
-"""K-FAC's A side: EMA of the input second moment, damped inverse on a cadence (SPEC §4).
+"""K-FAC's A side: EMA of the input second moment, damped inverse on a cadence (docs/algorithms.md §4).
 
-A = (1/m) sum_i sum_t abar_{i,t} abar_{i,t}^T (summed over positions t for Conv2d, SPEC §2;
+A = (1/m) sum_i sum_t abar_{i,t} abar_{i,t}^T (summed over positions t for Conv2d, docs/algorithms.md §2;
 Grosse & Martens, *KFC*, ICML 2016, eq. 24), averaged by an EMA every T1 steps and warm-started
 by a forward-only pass over the data (``opt.warm_start()``; iteration 0 then uses the warm-start
-A as it is, as SPEC §3 prescribes for P2's A factors). H_a = (A + gamma_A I)^{-1} every T2 steps
+A as it is, as docs/algorithms.md §3 prescribes for P2's A factors). H_a = (A + gamma_A I)^{-1} every T2 steps
 (and every step for the first ``inverse_warmup``), gamma_A = sqrt(lambda) (or the pi-split).
 Cadences, damping and inversion: :mod:`kfqn.curvature.kfac_factor`.
 """

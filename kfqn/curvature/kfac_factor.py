@@ -1,4 +1,4 @@
-"""What K-FAC's two sides share: an EMA factor, its cadences and its damped inverse (SPEC §4).
+"""What K-FAC's two sides share: an EMA factor, its cadences and its damped inverse (docs/algorithms.md §4).
 
 Per side (A: d_a x d_a, G: d_g x d_g), with k the optimizer step:
 

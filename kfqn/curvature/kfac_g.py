@@ -1,6 +1,6 @@
-"""K-FAC's G side: EMA of per-sample pre-activation gradient outer products (SPEC §4).
+"""K-FAC's G side: EMA of per-sample pre-activation gradient outer products (docs/algorithms.md §4).
 
-G_batch = (1/(m |T|)) sum_i sum_t g_{i,t} g_{i,t}^T (averaged over positions for Conv2d, SPEC §2;
+G_batch = (1/(m |T|)) sum_i sum_t g_{i,t} g_{i,t}^T (averaged over positions for Conv2d, docs/algorithms.md §2;
 Grosse & Martens, *KFC*, ICML 2016), with g_{i,t} = d l_i / d h_{i,t} taken from
 
 * ``fisher: sampled`` (default): labels drawn from the model's predictive distribution -- the

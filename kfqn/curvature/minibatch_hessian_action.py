@@ -1,4 +1,4 @@
-"""A side of KF-BFGS-CNN [P1]: minibatch Hessian-action BFGS, A never stored (SPEC §3).
+"""A side of KF-BFGS-CNN [P1]: minibatch Hessian-action BFGS, A never stored (docs/algorithms.md §3).
 
 After every step: v = mean over batch and positions of abar, s_a = H_a v,
 y_a = (1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s_a) + lambda_A s_a (two convolutions or

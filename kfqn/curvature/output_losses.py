@@ -1,4 +1,4 @@
-"""Output-space curvature of the losses K-FAC's G side supports (SPEC §4, ``kfac``).
+"""Output-space curvature of the losses K-FAC's G side supports (docs/algorithms.md §4, ``kfac``).
 
 For a per-sample loss l_i(z_i, y_i) with z_i the model output of sample i, the Fisher of the
 model's predictive distribution p(y | z) and, for these canonical-link losses, the generalised

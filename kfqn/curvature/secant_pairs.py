@@ -1,4 +1,4 @@
-"""G side of K-BFGS / KF-BFGS-CNN: secant pairs in pre-activation space (SPEC §3).
+"""G side of K-BFGS / KF-BFGS-CNN: secant pairs in pre-activation space (docs/algorithms.md §3).
 
 s = mean h(theta) - mean h(theta+), y = mean g(theta) - mean g(theta+), means over batch and
 positions, with g the per-sample pre-activation gradient. Source ``extra_pass`` [P2]: a second

@@ -1,4 +1,4 @@
-"""Shampoo as two curvature estimators (SPEC §4; Gupta, Koren, Singer, *Shampoo: Preconditioned
+"""Shampoo as two curvature estimators (docs/algorithms.md §4; Gupta, Koren, Singer, *Shampoo: Preconditioned
 Stochastic Tensor Optimization*, ICML 2018, Algorithm 1 for matrices).
 
 With Mbar the homogeneous gradient (d_g x d_a) of the current step:

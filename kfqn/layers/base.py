@@ -1,4 +1,4 @@
-"""Layer adapter contract (SPEC §1-2).
+"""Layer adapter contract (docs/algorithms.md §1-2).
 
 An adapter wraps one module and turns what the capture hooks recorded into the quantities the
 curvature estimators need, in homogeneous coordinates:
@@ -8,7 +8,7 @@ curvature estimators need, in homogeneous coordinates:
 * per-sample pre-activation gradients g_{i,t} = m * d(mean loss)/d h_{i,t}.
 
 All reductions are over the batch dimension (size m) and positions t; A-side reductions follow
-SPEC §2: ``A = (1/m) sum_i sum_t abar abar^T``.
+docs/algorithms.md §2: ``A = (1/m) sum_i sum_t abar abar^T``.
 """
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ class LayerAdapter(Component):
         return out
 
     def hessian_action(self, inp: Tensor, s: Tensor) -> Tensor:
-        """(1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s): the minibatch A times s (SPEC §3, P1)."""
+        """(1/m) sum_i sum_t abar_{i,t} (abar_{i,t}^T s): the minibatch A times s (docs/algorithms.md §3, P1)."""
         raise NotImplementedError
 
     def output_mean(self, out: Tensor) -> Tensor:

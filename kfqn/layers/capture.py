@@ -4,13 +4,13 @@ One :class:`CaptureHooks` per preconditioned module. The optimizer sets ``phase`
 
 * ``"current"`` (default): forward+backward at theta; records the input (a reference, no copy),
   the mean pre-activation and the mean per-sample pre-activation gradient;
-* ``"trial"``: the same at the trial point theta+ (SPEC §3, ``extra_pass``);
+* ``"trial"``: the same at the trial point theta+ (docs/algorithms.md §3, ``extra_pass``);
 * ``"warm"``: forward-only warm start; the input is handed to ``on_warm`` and not kept;
 * ``None``: hooks do nothing.
 
 With ``keep_output`` the capture also keeps a reference to the module's output h (still attached
 to the graph), so that the optimizer can run an extra backward to h, e.g. K-FAC's sampled-label
-backward (SPEC §4); its results go to ``Capture.sampled_grad_out``. While ``muted`` is set, the
+backward (docs/algorithms.md §4); its results go to ``Capture.sampled_grad_out``. While ``muted`` is set, the
 gradient hook ignores gradients (such auxiliary backward passes must not overwrite ``g_mean``).
 
 Nothing here synchronises with the device: means are computed as tensors.

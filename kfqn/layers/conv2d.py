@@ -1,4 +1,4 @@
-"""Adapter for ``nn.Conv2d`` (SPEC §1-2, P1): patches by im2col in (c_in, k_h, k_w) order.
+"""Adapter for ``nn.Conv2d`` (docs/algorithms.md §1-2, P1): patches by im2col in (c_in, k_h, k_w) order.
 
 Stride, padding (numbers or 'same'/'valid'), dilation and bias are handled; ``groups > 1`` and
 non-zero padding modes are reported unsupported. The Hessian action and the input mean are

@@ -1,4 +1,4 @@
-"""Built-in presets: every YAML file shipped in the package folder ``kfqn/presets`` (SPEC §4).
+"""Built-in presets: every YAML file shipped in the package folder ``kfqn/presets`` (docs/algorithms.md §4).
 
 The files are package data (``importlib.resources``), so a built wheel has them and presets
 resolve from any working directory. ``KFQN_CONFIG_DIR`` points elsewhere (a folder holding

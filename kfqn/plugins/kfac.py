@@ -1,4 +1,4 @@
-"""K-FAC (SPEC §4 baseline): the A-side and G-side estimators named ``kfac``."""
+"""K-FAC (docs/algorithms.md §4 baseline): the A-side and G-side estimators named ``kfac``."""
 from kfqn.core.hookspecs import hookimpl
 from kfqn.curvature.kfac_a import KFACA
 from kfqn.curvature.kfac_g import KFACG

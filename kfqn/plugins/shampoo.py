@@ -1,4 +1,4 @@
-"""Shampoo (SPEC §4 baseline): the A-side and G-side estimators named ``shampoo``."""
+"""Shampoo (docs/algorithms.md §4 baseline): the A-side and G-side estimators named ``shampoo``."""
 from kfqn.core.hookspecs import hookimpl
 from kfqn.curvature.shampoo import ShampooA, ShampooG
 

@@ -6,7 +6,7 @@
     theta <- theta - alpha (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
              [- alpha tau theta with weight_decay_mode 'outside': decoupled, torch.optim.AdamW]
 
-beta1 is the param group's ``momentum`` unless given. P2's setting (SPEC §4): beta1 = beta2 =
+beta1 is the param group's ``momentum`` unless given. P2's setting (docs/algorithms.md §4): beta1 = beta2 =
 0.9 with bias correction; torch's defaults: beta2 = 0.999, eps = 1e-8. t counts accepted steps
 on the device; a non-finite step leaves parameters and moments unchanged.
 

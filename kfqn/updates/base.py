@@ -10,7 +10,7 @@ or lose definiteness (see each rule), and a non-finite starting point (``reset(h
 state) is replaced by the rule's initial value and counted in :attr:`InverseFactor.resets` (a
 0-dim long device tensor, part of ``state_dict()``; :meth:`InverseFactor.stats` reports it).
 
-A :class:`Damping` maps (s, y) to a damped pair using H y (SPEC §3); a pair the rule cannot damp
+A :class:`Damping` maps (s, y) to a damped pair using H y (docs/algorithms.md §3); a pair the rule cannot damp
 to its postcondition in floating point comes back zeroed with ``ok`` false (then every update
 rule rejects it, since s^T y = 0).
 """

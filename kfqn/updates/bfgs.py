@@ -1,4 +1,4 @@
-"""Dense BFGS update of an inverse factor (SPEC §3).
+"""Dense BFGS update of an inverse factor (docs/algorithms.md §3).
 
 H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T, rho = 1 / (s^T y), computed in the O(d^2)
 expanded form H + (rho^2 y^T H y + rho) s s^T - rho (s (Hy)^T + (Hy) s^T).
@@ -39,7 +39,7 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
 
 class BFGSFactor(InverseFactor):
     name = "bfgs"
-    description = "dense BFGS inverse update, H+ y = s (SPEC §3)"
+    description = "dense BFGS inverse update, H+ y = s (docs/algorithms.md §3)"
     #: reject when eps * (max_i H_ii + bound of the increment) > increment_rtol * max_i |H+_ii|
     #: (float32, float64): the rounding left would exceed that fraction of the new H
     increment_rtol = (1e-4, 1e-9)

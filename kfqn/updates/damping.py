@@ -1,4 +1,4 @@
-"""Damping of secant pairs (SPEC §3): none, Powell, double damping DD [P2], DDV2 [P1].
+"""Damping of secant pairs (docs/algorithms.md §3): none, Powell, double damping DD [P2], DDV2 [P1].
 
 Damping acts on the inverse approximation H: Powell's rule with the roles of s and y swapped.
 All branches are ``torch.where`` selections, so no host synchronisation happens.

@@ -1,4 +1,4 @@
-"""First-order rule for parameters outside preconditioned layers (SPEC §3).
+"""First-order rule for parameters outside preconditioned layers (docs/algorithms.md §3).
 
 ``momentum``: the same momentum direction, momentum form, weight decay and learning rate as the
 preconditioned layers, without preconditioning. Non-finite steps leave parameters and buffers

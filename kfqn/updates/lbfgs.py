@@ -1,4 +1,4 @@
-"""L-BFGS inverse factor in compact form (SPEC §3; Byrd, Nocedal, Schnabel 1994, eq. 2.6).
+"""L-BFGS inverse factor in compact form (docs/algorithms.md §3; Byrd, Nocedal, Schnabel 1994, eq. 2.6).
 
 Memory: the p most recent accepted pairs, FIFO, oldest first in rows of S and Y (p, d). Slots
 not yet filled hold zeros and are masked so that no host synchronisation is ever needed.
@@ -31,7 +31,7 @@ from kfqn.updates.base import InverseFactor, admissible
 
 class LBFGSFactor(InverseFactor):
     name = "lbfgs"
-    description = "limited-memory BFGS (p pairs, FIFO, H0 = gamma I), compact form (SPEC §3)"
+    description = "limited-memory BFGS (p pairs, FIFO, H0 = gamma I), compact form (docs/algorithms.md §3)"
     accepts_dense_init = False
     #: keep H dense when dim <= dense_factor * memory (0: never; tests use it for both paths)
     dense_factor = 4

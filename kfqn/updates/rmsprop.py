@@ -9,7 +9,7 @@
                                                      'torch' is torch's buffer, 'ema' P2's EMA)
     theta <- theta - alpha_lr b   [- alpha_lr tau theta with weight_decay_mode 'outside']
 
-With momentum 0 both momentum forms give b = u. P2's setting (SPEC §4, (R)): alpha = 0.9,
+With momentum 0 both momentum forms give b = u. P2's setting (docs/algorithms.md §4, (R)): alpha = 0.9,
 momentum 0.9 as an EMA; torch's defaults: alpha = 0.99, eps = 1e-8, momentum 0.
 
 Speed: float32/float64 parameters of the uncentred rule go through two of torch's fused kernels
