@@ -51,3 +51,19 @@ def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args, **kwargs)
+
+
+def flat_state(obj, prefix: str = "") -> dict:
+    """Every tensor (cloned) and plain value of a nested state dict, by path ("/a/0/b")."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_state(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flat_state(v, f"{prefix}/{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().clone()
+    else:
+        out[prefix] = obj
+    return out

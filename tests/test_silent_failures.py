@@ -24,6 +24,7 @@ from torch import nn
 
 import kfqn
 from kfqn.core.errors import UnsupportedModuleError
+from helpers import make_closure
 
 PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
 
@@ -44,15 +45,6 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(self.enc(h)).mean(1))
 
 
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_transformer_every_parameter_with_a_gradient_moves(preset):
     torch.manual_seed(0)
@@ -70,7 +62,7 @@ def test_transformer_every_parameter_with_a_gradient_moves(preset):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.step(_closure(opt, model, x, y))
+        opt.step(make_closure(opt, model, x, y))
     grads = {n: p.grad for n, p in model.named_parameters()}
     frozen = [n for n, p in model.named_parameters()
               if grads[n] is not None and bool(grads[n].abs().sum() > 0)
@@ -121,7 +113,7 @@ def test_uncaptured_layer_is_released_at_the_first_step(preset):
     x, y = _data()
     w0 = model.proj.weight.detach().clone()
     with pytest.warns(UserWarning, match=r"'proj'.*forward never ran"):
-        opt.step(_closure(opt, model, x, y))
+        opt.step(make_closure(opt, model, x, y))
     assert not torch.equal(model.proj.weight, w0)
     assert opt.preconditioned_modules == ["inp"]
     assert "proj.weight" in opt.fallback_params and "proj" in opt.describe()
@@ -132,7 +124,7 @@ def test_uncaptured_layer_error_policy_raises_before_anything_moves():
     opt = kfqn.build_optimizer(model, "kfbfgs_cnn", unsupported="error")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(UnsupportedModuleError, match="'proj'"):
-        opt.step(_closure(opt, model, *_data()))
+        opt.step(make_closure(opt, model, *_data()))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
@@ -154,8 +146,8 @@ def test_release_survives_checkpoint_and_resume():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for xb, yb in batches[:2]:
-            o_full.step(_closure(o_full, full, xb.double(), yb))
-            o_part.step(_closure(o_part, part, xb.double(), yb))
+            o_full.step(make_closure(o_full, full, xb.double(), yb))
+            o_part.step(make_closure(o_part, part, xb.double(), yb))
         buf = io.BytesIO()
         torch.save({"model": part.state_dict(), "opt": o_part.state_dict()}, buf)
         buf.seek(0)
@@ -166,8 +158,8 @@ def test_release_survives_checkpoint_and_resume():
         o_res.load_state_dict(ckpt["opt"])
         assert o_res.preconditioned_modules == ["inp"]
         for xb, yb in batches[2:]:
-            o_full.step(_closure(o_full, full, xb.double(), yb))
-            o_res.step(_closure(o_res, resumed, xb.double(), yb))
+            o_full.step(make_closure(o_full, full, xb.double(), yb))
+            o_res.step(make_closure(o_res, resumed, xb.double(), yb))
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
 
@@ -200,7 +192,7 @@ def test_compiled_model_trains_as_the_eager_one(preset):
                         run(xb)
             for k in range(30):
                 sl = slice((k % 4) * 16, (k % 4 + 1) * 16)
-                opt.step(_closure(opt, run, x[sl], y[sl]))
+                opt.step(make_closure(opt, run, x[sl], y[sl]))
         results[compiled] = (torch.cat([p.detach().flatten() for p in model.parameters()]),
                              opt.factors(), list(opt.state_dict()["layers"]))
     (p_eager, f_eager, n_eager), (p_comp, f_comp, n_comp) = results[False], results[True]
@@ -227,7 +219,7 @@ def test_no_tensor_is_held_across_steps(preset):
         x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
         counts = {}
         for k in range(200):
-            opt.step(_closure(opt, model, x, y))
+            opt.step(make_closure(opt, model, x, y))
             if k + 1 in (20, 200):
                 counts[k + 1] = _live_tensors()
     assert counts[200] == counts[20], counts

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfqn
+from helpers import flat_state
 
 PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
 #: counters of calls of step() (host cadences) and of inversions computed on their cadence
@@ -20,22 +21,6 @@ STEP_KEYS = {"step", "nonfinite_steps", "inversions"}
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
-
-
-def _flat_state(obj, prefix=""):
-    """Every tensor and number of a state dict, by path."""
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat_state(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat_state(v, f"{prefix}/{i}"))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix] = obj.detach().clone()
-    elif isinstance(obj, (int, float, bool)) or obj is None:
-        out[prefix] = obj
-    return out
 
 
 def _run(preset: str, poison: set[int], bad: str):
@@ -80,7 +65,7 @@ def test_skipped_steps_change_nothing(preset, bad):
     for p, q in zip(clean_model.parameters(), model.parameters()):
         assert torch.isfinite(q).all()
         assert torch.equal(p, q), preset
-    ours, theirs = _flat_state(clean_opt.state_dict()), _flat_state(opt.state_dict())
+    ours, theirs = flat_state(clean_opt.state_dict()), flat_state(opt.state_dict())
     assert ours.keys() == theirs.keys()
     for key, val in ours.items():
         if key.rsplit("/", 1)[-1] in STEP_KEYS:

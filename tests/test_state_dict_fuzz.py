@@ -13,13 +13,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import kfqn
 from kfqn.core.errors import KfqnError
 from kfqn.core.state_check import OPTIONAL_KEYS
+from helpers import flat_state, make_closure
 
 PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
 
@@ -42,17 +42,8 @@ def _trained(preset: str, **kw):
             with opt.warm_start():
                 model(x)
         for _ in range(2):
-            opt.step(_closure(opt, model, x, y))
+            opt.step(make_closure(opt, model, x, y))
     return model, opt, (x, y)
-
-
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-    return closure
 
 
 def _roundtrip(obj):
@@ -62,23 +53,8 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=False)
 
 
-def _flat(obj, prefix=""):
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_flat(v, f"{prefix}/{i}"))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix] = obj.detach().clone()
-    else:
-        out[prefix] = obj
-    return out
-
-
 def _assert_refused_and_untouched(model, opt, bad, data):
-    before_state = _flat(opt.state_dict())
+    before_state = flat_state(opt.state_dict())
     before_params = [p.detach().clone() for p in model.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -86,7 +62,7 @@ def _assert_refused_and_untouched(model, opt, bad, data):
             opt.load_state_dict(bad)
     message = str(info.value)
     assert "\n" not in message and len(message) < 400, message
-    after_state = _flat(opt.state_dict())
+    after_state = flat_state(opt.state_dict())
     assert before_state.keys() == after_state.keys()
     for key, val in before_state.items():
         other = after_state[key]
@@ -94,7 +70,7 @@ def _assert_refused_and_untouched(model, opt, bad, data):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before_params))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt.step(_closure(opt, model, *data))  # no crash, no NaN
+        opt.step(make_closure(opt, model, *data))  # no crash, no NaN
     assert all(torch.isfinite(p).all() for p in model.parameters())
     return message
 
@@ -127,7 +103,7 @@ def test_fitting_checkpoint_loads_exactly(preset):
         o2 = kfqn.build_optimizer(fresh, preset)
         o2.load_state_dict(ckpt["opt"])
         for m, o in ((model, opt), (fresh, o2)):
-            o.step(_closure(o, m, *data))
+            o.step(make_closure(o, m, *data))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
 
 
