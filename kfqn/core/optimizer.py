@@ -80,6 +80,15 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+def _describe(entry: Any) -> str:
+    """A model-signature entry in words: [shape, dtype] of a parameter, or a module type."""
+    if entry is None:
+        return "absent"
+    if isinstance(entry, (list, tuple)) and len(entry) == 2:
+        return f"of shape {tuple(entry[0])} ({str(entry[1]).replace('torch.', '')})"
+    return str(entry)
+
+
 def _children_used_without_forward(model: nn.Module) -> dict[str, str]:
     """Modules whose parent reads their parameters directly, so that their own forward (and the
     capture hooks on it) never runs: ``nn.MultiheadAttention.out_proj``. Name -> reason."""
@@ -658,8 +667,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
                     if got.get(name) != want.get(name):
                         raise KfqnError(
                             f"checkpoint does not fit this model: {kind[:-1]} {name!r} is "
-                            f"{got.get(name, 'absent')} in the checkpoint, "
-                            f"{want.get(name, 'absent')} here; nothing was loaded")
+                            f"{_describe(got.get(name))} in the checkpoint, "
+                            f"{_describe(want.get(name))} here; nothing was loaded")
         layers = state_dict.get("layers")
         if not isinstance(layers, dict):
             raise KfqnError("checkpoint does not fit this optimizer: state.layers is missing; "
