@@ -10,6 +10,28 @@ from torch import nn
 QN_PRESETS = ["kbfgs", "kbfgs_l", "kfbfgs_cnn", "kfbfgs_l_cnn"]
 
 
+def all_presets() -> list[str]:
+    """Every registered preset, sorted."""
+    import kfqn
+
+    return sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the suite runs bounded versions of the
+    benchmarks' stress figures)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def small_cnn(seed: int = 1, dropout: float = 0.0) -> nn.Module:
     """Conv + BatchNorm + strided conv + Linear head on 3x8x8 inputs, 4 classes."""
     torch.manual_seed(seed)

@@ -3,24 +3,18 @@ batches, losses and gradients drawn at random; no raise, no non-finite parameter
 The full run (>= 10,000 steps, a table) is ``benchmarks/adversarial_steps.py``."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kfqn
+from helpers import all_presets, load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "adversarial_steps.py"
-_spec = importlib.util.spec_from_file_location("adversarial_steps", _PATH)
-adv = importlib.util.module_from_spec(_spec)
-sys.modules["adversarial_steps"] = adv
-_spec.loader.exec_module(adv)
+adv = load_benchmark("adversarial_steps")
 
-PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
+PRESETS = all_presets()
 
 
 @pytest.mark.parametrize("preset", PRESETS)

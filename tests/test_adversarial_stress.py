@@ -5,19 +5,13 @@ a finite damped pair, a finite H and lambda_min(H) >= -1e-6 lambda_max(H).
 The full run (>= 30,000 pairs, a table) is ``benchmarks/adversarial_pairs.py``."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "adversarial_pairs.py"
-_spec = importlib.util.spec_from_file_location("adversarial_pairs", _PATH)
-adv = importlib.util.module_from_spec(_spec)
-sys.modules["adversarial_pairs"] = adv
-_spec.loader.exec_module(adv)
+from helpers import load_benchmark
+
+adv = load_benchmark("adversarial_pairs")
 
 
 def _check(rows):

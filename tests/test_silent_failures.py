@@ -24,9 +24,9 @@ from torch import nn
 
 import kfqn
 from kfqn.core.errors import UnsupportedModuleError
-from helpers import make_closure
+from helpers import all_presets, make_closure
 
-PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
+PRESETS = all_presets()
 
 
 class TinyTransformer(nn.Module):

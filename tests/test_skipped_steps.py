@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfqn
-from helpers import flat_state
+from helpers import all_presets, flat_state
 
-PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
+PRESETS = all_presets()
 #: counters of calls of step() (host cadences) and of inversions computed on their cadence
 STEP_KEYS = {"step", "nonfinite_steps", "inversions"}
 

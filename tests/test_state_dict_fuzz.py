@@ -19,9 +19,9 @@ from torch import nn
 import kfqn
 from kfqn.core.errors import KfqnError
 from kfqn.core.state_check import OPTIONAL_KEYS
-from helpers import flat_state, make_closure
+from helpers import all_presets, flat_state, make_closure
 
-PRESETS = sorted(name for kind, name, _ in kfqn.components() if kind == "preset")
+PRESETS = all_presets()
 
 
 def _model(width: int = 6, kernel=(3, 3)) -> nn.Module:

@@ -227,15 +227,11 @@ class KFQNOptimizer(torch.optim.Optimizer):
                           "could be captured")
 
     def _release(self, names: list[str], reason: str) -> None:
-        pnames = {id(p): n for n, p in self.model.named_parameters()}
-        entries = []
+        entries = self._entries_of(names)
         for name in names:
-            layer = self.layers[name]
+            layer = self.layers.pop(name)
             self._unsupported(name, layer.module, reason)
             layer.hooks.remove()
-            del self.layers[name]
-            group = self.param_groups[layer.group]
-            entries += [(pnames[id(p)], p, group) for p in layer.adapter.params()]
         self._late_fallbacks.append((list(names), self._make_fallback(entries)))
         self.fallback_params += [n for n, _, _ in entries]
         self._sampling_layers = [l for l in self._sampling_layers if l.name in self.layers]
