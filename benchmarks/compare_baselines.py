@@ -10,7 +10,7 @@ Two problems, each trained from the same initialisation and data order by every 
   stride 2, fc 64, fc 10, ReLU), cross-entropy, batch 128.
 
 Protocol: weight decay 1e-5 for every method (inside the gradient, as in P2); all other
-hyperparameters are each preset's defaults (K-FAC: ``g_side.loss`` set to the problem's loss and
+hyperparameters are each preset's defaults (K-FAC: ``preconditioner.loss`` set to the problem's loss and
 the ``cholesky_lazy`` inversion, which on the CPU costs nothing extra) except the learning
 rate, chosen per method and problem from the grid (preset lr) x {1/3, 1, 3} by the training loss after 40% of the epochs
 on seed 0. The chosen lr is then run with three seeds (initialisation and data order) for
@@ -125,8 +125,7 @@ def build(problem: Problem, preset: str, lr: float, model: nn.Module):
     over: dict = {"lr": lr, "weight_decay": WEIGHT_DECAY}
     if preset == "kfac":
         # on the CPU there is no device to synchronise with: retry the Cholesky only on failure
-        over["g_side"] = {**problem.kfac_g, "inversion": "cholesky_lazy"}
-        over["a_side"] = {"inversion": "cholesky_lazy"}
+        over["preconditioner"] = {**problem.kfac_g, "inversion": "cholesky_lazy"}
     return kfqn.build_optimizer(model, preset, **over)
 
 
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for preset in args.presets:
             base_lr = kfqn.build_optimizer(prob.model(), preset,
-                                           **({"g_side": prob.kfac_g} if preset == "kfac" else {})
+                                           **({"preconditioner": prob.kfac_g} if preset == "kfac" else {})
                                            ).param_groups[0]["lr"]
             tuning = {}
             for f in GRID:

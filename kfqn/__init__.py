@@ -5,7 +5,7 @@
 >>> opt.step(closure)                                                  # doctest: +SKIP
 """
 from kfqn.core.assembly import build_optimizer
-from kfqn.core.components import Component, Option, Preset
+from kfqn.core.components import Component, Option, Preset, register
 from kfqn.core.errors import ConfigError, KfqnError, RegistryError, UnsupportedModuleError
 from kfqn.core.hookspecs import hookimpl, hookspec
 from kfqn.core.optimizer import KFQNOptimizer
@@ -21,7 +21,7 @@ from kfqn.core.sections import Sub
 __version__ = "0.1.0"
 
 __all__ = [
-    "build_optimizer", "KFQNOptimizer", "register_plugin", "unregister_plugin", "components",
+    "build_optimizer", "KFQNOptimizer", "register", "register_plugin", "unregister_plugin", "components",
     "format_components", "default_registry", "hookimpl", "hookspec", "Component", "Option",
     "Preset", "Sub", "ConfigError", "KfqnError", "RegistryError", "UnsupportedModuleError",
 ]

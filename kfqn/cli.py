@@ -326,22 +326,24 @@ def _run_report(args: argparse.Namespace) -> int:
 # -- components ------------------------------------------------------------------------------------
 def _components_args(p: argparse.ArgumentParser) -> None:
     from kfqn.core.registry import KINDS
+    from kfqn.runner.registry import RUNNER_KINDS
 
-    p.add_argument("--kind", choices=sorted(KINDS), default=None, help="only this kind")
+    p.add_argument("--kind", choices=sorted({**KINDS, **RUNNER_KINDS}), default=None, help="only this kind")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also list each data set's and model's options")
 
 
 def _run_components(args: argparse.Namespace) -> int:
-    from kfqn.core.registry import default_registry, format_components
+    from kfqn.core.registry import format_components
     from kfqn.runner.components import describe_options
+    from kfqn.runner.registry import runner_registry
 
-    print(format_components(args.kind))
+    print(format_components(args.kind, runner_registry()))
     if args.verbose:
         for kind in ("dataset", "model"):
             if args.kind not in (None, kind):
                 continue
-            for reg in default_registry().components(kind):
+            for reg in runner_registry().components(kind):
                 comp = reg.obj() if isinstance(reg.obj, type) else reg.obj
                 opts = describe_options(comp)
                 print(f"\n{kind} {reg.name} options:")

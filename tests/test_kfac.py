@@ -27,11 +27,11 @@ F64 = torch.float64
 
 def kfac(model: nn.Module, loss: OutputLoss, fisher: str = "exact", **kw):
     """A kfac optimizer in float64 with lr 0 (factors at the initial point), no warm start."""
-    g_side = {"fisher": fisher, "loss": loss.kind, "loss_reduction": loss.reduction,
-              "mse_scale": loss.mse_scale, **kw.pop("g_side", {})}
-    a_side = {"warm_start": False, **kw.pop("a_side", {})}
+    section = {"fisher": fisher, "loss": loss.kind, "loss_reduction": loss.reduction,
+               "mse_scale": loss.mse_scale, "warm_start": False,
+               **kw.pop("preconditioner", {})}
     spec = {"preset": "kfac", "lr": 0.0, "weight_decay": 0.0, "factor_dtype": "float64",
-            "a_side": a_side, "g_side": g_side, **kw}
+            "preconditioner": section, **kw}
     return kfqn.build_optimizer(model, spec)
 
 
@@ -104,7 +104,7 @@ def test_sampled_fisher_is_outer_product_at_the_sampled_label(loss):
     model = mlp()
     x = torch.randn(1, 4, dtype=F64)
     y = targets(loss.kind, (1, 3))
-    opt = one_step(model, x, y, loss, "sampled", g_side={"seed": 11})
+    opt = one_step(model, x, y, loss, "sampled", preconditioner={"seed": 11})
     for layer in ("0", "2"):
         jac, z0 = loss_jacobian(model, layer, x, lambda z: loss.value(z, y))
         v = loss.sampled_cotangent(z0, CounterRNG(11, torch.zeros((), dtype=torch.long)))
@@ -217,10 +217,10 @@ def _train(opt, model, steps, data=None, size=16):
 
 def test_statistics_and_inverse_cadences_follow_the_config():
     model = small_cnn()
-    opt = kfqn.build_optimizer(model, "kfac", a_side={"warm_start": False, "stats_every": 3,
-                                                      "inverse_every": 4, "inverse_warmup": 2},
-                               g_side={"stats_every": 3, "inverse_every": 4, "inverse_warmup": 2})
-    owner = opt._sampling_layers[0].g
+    opt = kfqn.build_optimizer(model, "kfac", preconditioner={"warm_start": False, "stats_every": 3,
+                                                      "inverse_every": 4, "inverse_warmup": 2,
+                               "stats_every": 3, "inverse_every": 4, "inverse_warmup": 2})
+    owner = opt._sampling_layers[0].precond.g
     sampled_at: list[int] = []
     original = owner.output_cotangents
 
@@ -232,9 +232,9 @@ def test_statistics_and_inverse_cadences_follow_the_config():
     layer = opt.layers["0"]
     stats_at, inverse_at = [], []
     for k in range(10):
-        before = (layer.a.stat_updates, layer.g.stat_updates, layer.a.inversions, layer.g.inversions)
+        before = (layer.precond.a.stat_updates, layer.precond.g.stat_updates, layer.precond.a.inversions, layer.precond.g.inversions)
         _train(opt, model, 1)
-        after = (layer.a.stat_updates, layer.g.stat_updates, layer.a.inversions, layer.g.inversions)
+        after = (layer.precond.a.stat_updates, layer.precond.g.stat_updates, layer.precond.a.inversions, layer.precond.g.inversions)
         if after[0] > before[0]:
             assert after[1] > before[1]
             stats_at.append(k)
@@ -261,11 +261,11 @@ def test_warm_start_sets_a_and_iteration_zero_keeps_it():
             h = model[2](model[1](model[0](x[i:i + 16])))
             parts.append(layer.adapter.input_covariance(h).double() * 16)
     warm = sum(parts) / 64
-    torch.testing.assert_close(layer.a.mat, warm)
+    torch.testing.assert_close(layer.precond.a.mat, warm)
     _train(opt, model, 1, (x, y))
-    torch.testing.assert_close(layer.a.mat, warm)            # iteration 0: kept as it is
+    torch.testing.assert_close(layer.precond.a.mat, warm)            # iteration 0: kept as it is
     _train(opt, model, 1, (x, y))
-    assert not torch.allclose(layer.a.mat, warm)             # iteration 1: EMA update
+    assert not torch.allclose(layer.precond.a.mat, warm)             # iteration 1: EMA update
 
 
 @pytest.mark.parametrize("split", ["sqrt", "pi"])
@@ -275,7 +275,7 @@ def test_damping_split(split):
     y = torch.randint(0, 3, (8,))
     lam = 0.7
     opt = one_step(model, x, y, OutputLoss("cross_entropy"), "sampled", damping=lam,
-                   a_side={"damping_split": split}, g_side={"damping_split": split})
+                   preconditioner={"damping_split": split, "damping_split": split})
     for name, layer in opt.layers.items():
         st_ = opt.stats()[name]
         ga, gg = st_["a_damping"], st_["g_damping"]
@@ -292,8 +292,8 @@ def test_preconditioning_off_equals_momentum_sgd():
     x, y = teacher_data(64)
     m1, m2 = small_cnn(), small_cnn()
     opt = kfqn.build_optimizer(m1, "kfac", lr=0.05, weight_decay=1e-3, momentum_init="first",
-                               a_side={"precondition": False, "warm_start": False},
-                               g_side={"precondition": False})
+                               preconditioner={"precondition": False, "warm_start": False,
+                               "precondition": False})
     ref = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, dampening=0.9,  # EMA form
                           weight_decay=1e-3)
     for xb, yb in zip(*(t.split(16) for t in (x, y))):
@@ -308,7 +308,7 @@ def test_preconditioning_off_equals_momentum_sgd():
 def test_sampled_backward_does_not_change_gradients_or_rng():
     x, y = teacher_data(32)
     m1, m2 = small_cnn(), small_cnn()
-    opt = kfqn.build_optimizer(m1, "kfac", lr=0.0, a_side={"warm_start": False})
+    opt = kfqn.build_optimizer(m1, "kfac", lr=0.0, preconditioner={"warm_start": False})
     torch.manual_seed(5)
     opt.step(make_closure(opt, m1, x, y))
     after_opt = torch.rand(1)
@@ -319,15 +319,15 @@ def test_sampled_backward_does_not_change_gradients_or_rng():
     assert torch.equal(after_opt, after_ref)  # labels come from the estimator's own generator
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
-    cap_g = opt.layers["3"].g  # true-label quantities were not overwritten by the sampled pass
+    cap_g = opt.layers["3"].precond.g  # true-label quantities were not overwritten by the sampled pass
     assert cap_g.stat_updates == 1
 
 
 def test_step_without_closure_matches_step_with_closure():
     x, y = teacher_data(48)
     m1, m2 = small_cnn(), small_cnn()
-    o1 = kfqn.build_optimizer(m1, "kfac", a_side={"warm_start": False}, g_side={"seed": 3})
-    o2 = kfqn.build_optimizer(m2, "kfac", a_side={"warm_start": False}, g_side={"seed": 3})
+    o1 = kfqn.build_optimizer(m1, "kfac", preconditioner={"warm_start": False, "seed": 3})
+    o2 = kfqn.build_optimizer(m2, "kfac", preconditioner={"warm_start": False, "seed": 3})
     for xb, yb in zip(x.split(16), y.split(16)):
         o1.step(make_closure(o1, m1, xb, yb))
         o2.zero_grad()
@@ -339,13 +339,13 @@ def test_step_without_closure_matches_step_with_closure():
 
 # -- errors ---------------------------------------------------------------------------------------
 def test_unsupported_loss_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"g_side.loss = 'nll'.*cross_entropy.*mse"):
-        kfqn.build_optimizer(mlp(), "kfac", g_side={"loss": "nll"})
+    with pytest.raises(ConfigError, match=r"preconditioner.loss = 'nll'.*cross_entropy.*mse"):
+        kfqn.build_optimizer(mlp(), "kfac", preconditioner={"loss": "nll"})
 
 
 def test_wrong_output_shape_or_type_is_explained():
     model = nn.Sequential(nn.Linear(4, 1)).double()
-    opt = kfqn.build_optimizer(model, "kfac", a_side={"warm_start": False})
+    opt = kfqn.build_optimizer(model, "kfac", preconditioner={"warm_start": False})
     x = torch.randn(3, 4, dtype=F64)
     with pytest.raises(KfqnError, match="sigmoid_cross_entropy"):
         opt.step(lambda: model(x).sum())
@@ -359,7 +359,7 @@ def test_wrong_output_shape_or_type_is_explained():
             return self.lin(x), None
 
     pair = Pair().double()
-    opt = kfqn.build_optimizer(pair, "kfac", a_side={"warm_start": False})
+    opt = kfqn.build_optimizer(pair, "kfac", preconditioner={"warm_start": False})
     def closure():
         opt.zero_grad()
         loss = pair(x)[0].sum()
@@ -379,10 +379,10 @@ def _snapshot(model, opt):
 
 
 @pytest.mark.parametrize("preset,kw", [
-    ("kfac", {"a_side": {"inverse_every": 3, "inverse_warmup": 2},
-              "g_side": {"inverse_every": 3, "inverse_warmup": 2, "stats_every": 2}}),
-    ("kfac", {"a_side": {"damping_split": "pi", "inverse_every": 4},
-              "g_side": {"damping_split": "pi", "fisher": "empirical", "inverse_every": 4}}),
+    ("kfac", {"preconditioner": {"inverse_every": 3, "inverse_warmup": 2,
+              "inverse_every": 3, "inverse_warmup": 2, "stats_every": 2}}),
+    ("kfac", {"preconditioner": {"damping_split": "pi", "inverse_every": 4,
+              "damping_split": "pi", "fisher": "empirical", "inverse_every": 4}}),
 ])
 def test_resume_equals_uninterrupted_run(preset, kw):
     data = teacher_data(64)

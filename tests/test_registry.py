@@ -66,7 +66,10 @@ def test_unknown_names_and_kinds():
 def test_components_listing():
     rows = kfqn.components()
     kinds = {k for k, _, _ in rows}
-    assert {"layer_adapter", "factor_update", "damping", "preset"} <= kinds <= set(KINDS)
+    from kfqn.runner.registry import RUNNER_KINDS
+
+    assert {"layer_adapter", "factor_update", "damping", "preset"} <= kinds
+    assert kinds <= set(KINDS) | set(RUNNER_KINDS)
     text = kfqn.format_components("damping")
     assert text.splitlines()[0] == "damping:" and "ddv2" in text
 

@@ -70,8 +70,8 @@ def test_first_step_is_the_shampoo_update():
     model = mlp()
     before = {n: torch.cat([m.weight, m.bias[:, None]], 1).detach().clone()
               for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    opt = shampoo(model, lr=0.3, a_side={"epsilon": 1e-3},
-                  g_side={"epsilon": 1e-3, "grafting": "none"})
+    opt = shampoo(model, lr=0.3, preconditioner={"epsilon": 1e-3,
+                  "epsilon": 1e-3, "grafting": "none"})
     x, y = data()
     opt.step(closure_for(opt, model, x, y))
     for name, mb in mbars(model).items():
@@ -98,29 +98,29 @@ def test_inverse_roots(n, p, eps, seed):
 def test_root_cadence_and_ema_option():
     model = mlp()
     opt = shampoo(model, lr=0.01,
-                  a_side={"inverse_every": 3, "inverse_warmup": 1, "stats_every": 2, "beta": 0.5},
-                  g_side={"inverse_every": 3, "inverse_warmup": 1, "stats_every": 2, "beta": 0.5})
+                  preconditioner={"inverse_every": 3, "inverse_warmup": 1, "stats_every": 2, "beta": 0.5,
+                  "inverse_every": 3, "inverse_warmup": 1, "stats_every": 2, "beta": 0.5})
     layer = opt.layers["0"]
     roots_at, stats_at, stat = [], [], None
     for k in range(8):
         x, y = data(seed=k)
-        before = (layer.a.updates, layer.a.root_inv)
+        before = (layer.precond.a.updates, layer.precond.a.root_inv)
         opt.step(closure_for(opt, model, x, y))
-        if layer.a.updates > before[0]:
+        if layer.precond.a.updates > before[0]:
             stats_at.append(k)
             mb = mbars(model)["0"]
             stat = mb.T @ mb if stat is None else 0.5 * stat + 0.5 * (mb.T @ mb)
-        if layer.a.root_inv is not before[1]:
+        if layer.precond.a.root_inv is not before[1]:
             roots_at.append(k)
     assert stats_at == [0, 2, 4, 6]
     assert roots_at == [0, 3, 6]
-    torch.testing.assert_close(layer.a.stat, stat)
+    torch.testing.assert_close(layer.precond.a.stat, stat)
 
 
 def test_grafting_gives_each_layer_the_sgd_momentum_step_length():
     model = mlp()
     w0 = [p.detach().clone() for p in model.parameters()]
-    opt = shampoo(model, lr=0.2, g_side={"grafting": "sgd"})
+    opt = shampoo(model, lr=0.2, preconditioner={"grafting": "sgd"})
     x, y = data()
     opt.step(closure_for(opt, model, x, y))
     mb = mbars(model)
@@ -140,8 +140,8 @@ def test_preconditioning_off_equals_momentum_sgd(grafting):
     x, y = teacher_data(64)
     m1, m2 = small_cnn(), small_cnn()
     opt = kfqn.build_optimizer(m1, "shampoo", lr=0.05, weight_decay=1e-3, momentum_init="first",
-                               a_side={"precondition": False},
-                               g_side={"precondition": False, "grafting": grafting})
+                               preconditioner={"precondition": False,
+                               "precondition": False, "grafting": grafting})
     ref = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9, dampening=0.9,  # EMA form
                           weight_decay=1e-3)
     for xb, yb in zip(x.split(16), y.split(16)):
@@ -154,8 +154,8 @@ def test_preconditioning_off_equals_momentum_sgd(grafting):
 
 def test_resume_equals_uninterrupted_run():
     x, y = teacher_data(64)
-    kw = dict(lr=0.05, a_side={"inverse_every": 3, "inverse_warmup": 2},
-              g_side={"inverse_every": 3, "inverse_warmup": 2, "grafting": "sgd"})
+    kw = dict(lr=0.05, preconditioner={"inverse_every": 3, "inverse_warmup": 2,
+              "inverse_every": 3, "inverse_warmup": 2, "grafting": "sgd"})
 
     def run(model, opt, start, count):
         for i in range(start, start + count):

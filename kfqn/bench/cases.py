@@ -60,10 +60,10 @@ class FirstOrder:
 
 def _model_component(name: str) -> Any:
     from kfqn.core.errors import RegistryError
-    from kfqn.core.registry import default_registry
+    from kfqn.runner.registry import runner_registry
 
     try:
-        cls = default_registry().get("model", name)
+        cls = runner_registry().get("model", name)
     except RegistryError as exc:
         raise ConfigError(f"suite model: {exc}") from None
     return cls() if isinstance(cls, type) else cls

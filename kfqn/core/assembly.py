@@ -29,6 +29,12 @@ class ComponentBuilder:
         cls = self.registry.get(kind, section["name"])
         return cls(**self.options(section))
 
+    def preconditioner(self, config: Mapping[str, Any], ctx: Any) -> Any:
+        """The layer preconditioner the config's ``preconditioner`` section names."""
+        section = config["preconditioner"]
+        cls = self.registry.get("preconditioner", section["name"])
+        return cls(ctx, self.options(section), config)
+
     def estimator(self, kind: str, section: Mapping[str, Any], ctx: Any) -> Any:
         cls = self.registry.get(kind, section["name"])
         return cls(ctx, self.options(section))

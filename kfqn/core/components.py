@@ -87,6 +87,35 @@ class Component:
     override: ClassVar[bool] = False
 
 
+_KIND_ATTR = "_kfqn_registered_kind"
+
+
+def register(kind: str) -> Callable[[type], type]:
+    """Class decorator: register the class as a component of ``kind`` (``"factor_update"``,
+    ``"damping"``, ``"inversion"``, ``"layer_adapter"``, ``"preconditioner"``,
+    ``"a_estimator"``, ``"g_estimator"``, ``"fallback"``, or a kind an application added).
+
+    The class is taken by the registry from the module that defines it: a built-in module, a
+    module named in the config key ``plugins``, one passed to :func:`kfqn.register_plugin`, or
+    one an entry point of the group ``kfqn`` names. Subclasses are not registered unless they
+    are decorated themselves."""
+    if not isinstance(kind, str) or not kind:
+        raise TypeError("kfqn.register(kind): kind must be a component kind name")
+
+    def mark(cls: type) -> type:
+        if not getattr(cls, "name", None):
+            raise TypeError(f"kfqn.register({kind!r}): {cls.__name__} needs a class attribute "
+                            "'name' (the name configs use)")
+        setattr(cls, _KIND_ATTR, kind)
+        return cls
+    return mark
+
+
+def registered_kind(cls: type) -> str | None:
+    """The kind ``cls`` was registered as with :func:`register` (not inherited), or None."""
+    return cls.__dict__.get(_KIND_ATTR)
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named optimizer configuration: a YAML file or an inline mapping."""

@@ -55,7 +55,14 @@ TOP_LEVEL: dict[str, Option | Sub] = {
                                "only dL/dh (about 1/3 less work; the closure must not read "
                                "parameter .grad); 'all' runs the closure's backward unchanged",
                                choices=["layer_outputs", "all"]),
-    "layers": Option(["linear", "conv2d"], "layer adapters to use", type=list),
+    "plugins": Option([], "modules to import and register before the config is read (their "
+                      "kfqn.register classes, hooks and presets), e.g. ['my_lab.sr1_variant']",
+                      type=list),
+    "layers": Option(None, "layer adapters to use, by name; null = every registered adapter "
+                     "(a module takes the first that supports it); [] = none", type=list,
+                     nullable=True),
+    "preconditioner": Sub("preconditioner", "kronecker", "the layer preconditioner family: "
+                          "'kronecker' (a_side x g_side estimators), 'kfac', 'shampoo', ..."),
     "a_side": Sub("a_estimator", "ema_hessian_action", "input-side estimator (H_a)"),
     "g_side": Sub("g_estimator", "secant_pairs", "output-side estimator (H_g)"),
     "fallback": Sub("fallback", "momentum", "rule for parameters outside preconditioned layers"),
@@ -218,10 +225,38 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+#: sections only some preconditioner families read (their ``sections``)
+FAMILY_SECTIONS = ("a_side", "g_side")
+
+
+def _family_sections(raw: Mapping[str, Any], registry: Registry) -> tuple[str, ...]:
+    section = raw.get("preconditioner", TOP_LEVEL["preconditioner"].default)
+    name = section.get("name", "kronecker") if isinstance(section, Mapping) else section
+    if not isinstance(name, str) or name not in registry.names("preconditioner"):
+        return FAMILY_SECTIONS  # validate_component names the problem
+    return tuple(getattr(registry.get("preconditioner", name), "sections", ()))
+
+
 def validate(raw: Mapping[str, Any], registry: Registry) -> dict:
-    """Validate a whole optimizer config; return the resolved config (all defaults filled)."""
-    cfg = validate_section(raw, TOP_LEVEL, "", registry)
+    """Validate a whole optimizer config; return the resolved config (all defaults filled).
+
+    ``a_side`` and ``g_side`` belong to the families that read them (``kronecker``); with any
+    other ``preconditioner`` they must be absent and are left out of the result."""
+    used = _family_sections(raw, registry)
+    for key in FAMILY_SECTIONS:
+        if key not in used and key in raw:
+            family = raw["preconditioner"]
+            family = family.get("name") if isinstance(family, Mapping) else family
+            cls = registry.get("preconditioner", family)
+            opts = ", ".join(getattr(cls, "options", {})) or "(none)"
+            raise ConfigError(
+                f"{key} is read by preconditioner 'kronecker' only; preconditioner {family!r} "
+                f"takes its options under preconditioner: {opts}")
+    schema = {k: v for k, v in TOP_LEVEL.items() if k not in FAMILY_SECTIONS or k in used}
+    cfg = validate_section(raw, schema, "", registry)
     adapters = registry.names("layer_adapter")
+    if cfg["layers"] is None:
+        return cfg
     if not all(isinstance(x, str) for x in cfg["layers"]):
         raise ConfigError(f"layers must be a list of adapter names; allowed: {', '.join(adapters)}")
     for item in cfg["layers"]:
@@ -252,10 +287,34 @@ def validate_param_group(index: int, group: Mapping[str, Any]) -> dict:
     return out
 
 
+def _load_plugins(modules: Any, registry: Registry) -> None:
+    if not modules:
+        return
+    if not isinstance(modules, (list, tuple)):
+        raise ConfigError(f"plugins = {modules!r} must be a list of module paths, e.g. "
+                          "['my_lab.sr1_variant']")
+    try:
+        registry.load_plugins(modules)
+    except RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def resolve_config(spec: Any, registry: Registry, overrides: Mapping[str, Any] | None = None,
                    dotlist: Iterable[str] | None = None) -> dict:
-    """Preset/YAML/mapping + keyword overrides + dotlist overrides -> validated config."""
+    """Preset/YAML/mapping + keyword overrides + dotlist overrides -> validated config.
+
+    The modules listed under ``plugins`` (in the mapping, the overrides or the dotlist) are
+    imported and registered first, so a plugin may define the preset the spec names."""
+    dotlist = list(dotlist or [])
+    early: list = []
+    for source in (spec if isinstance(spec, Mapping) else {}, overrides or {},
+                   dotlist_to_mapping(dotlist) if dotlist else {}):
+        found = to_plain(source).get("plugins") if isinstance(source, Mapping) else None
+        if found:
+            early += list(found) if isinstance(found, (list, tuple)) else [found]
+    _load_plugins(early, registry)
     raw = load_spec(spec, registry)
+    _load_plugins(raw.get("plugins"), registry)
     if overrides:
         over = to_plain(dict(overrides))
         if any(k in over for k in PRESET_KEYS):

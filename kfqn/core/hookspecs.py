@@ -1,6 +1,8 @@
 """Hook specifications: the extension contract of kfqn.
 
-Every component kind is contributed through one hook. A plugin is any object (module, class
+A component is normally registered where it is defined, with :func:`kfqn.register`; the
+module that defines it is then a plugin. Every component kind can also be contributed through
+one hook. A plugin is any object (module, class
 instance) with functions decorated by :data:`hookimpl` whose names match the specs below; each
 returns a list of component classes (or :class:`~kfqn.core.components.Preset` records for
 presets). The built-in components in :mod:`kfqn.plugins` use exactly these hooks.
@@ -23,6 +25,11 @@ class KfqnHookSpecs:
     @hookspec
     def kfqn_layer_adapters(self) -> list:
         """Layer adapters: map a module type to Kronecker-factor quantities (docs/algorithms.md §1-2)."""
+
+    @hookspec
+    def kfqn_preconditioners(self) -> list:
+        """Layer preconditioners: one object per layer owning both factors
+        (:class:`kfqn.preconditioners.base.LayerPreconditioner`)."""
 
     @hookspec
     def kfqn_a_estimators(self) -> list:
@@ -52,10 +59,3 @@ class KfqnHookSpecs:
     def kfqn_presets(self) -> list:
         """Named optimizer configurations (docs/algorithms.md §4): list of ``Preset`` records."""
 
-    @hookspec
-    def kfqn_datasets(self) -> list:
-        """Data sets for the experiment runner."""
-
-    @hookspec
-    def kfqn_models(self) -> list:
-        """Model builders for the experiment runner."""

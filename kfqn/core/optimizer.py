@@ -7,8 +7,9 @@ For every preconditioned layer l (a module an adapter takes):
     P_l  = -H_g Mhat H_a                            (G side, then A side)
     theta_l <- theta_l + alpha P_l
 
-Other parameters take the fallback rule. Curvature estimators update H_a and H_g around the step
-(see :mod:`kfqn.curvature.base`). A non-finite loss or gradient turns the whole step into a
+Other parameters take the fallback rule. Each layer's preconditioner
+(:mod:`kfqn.preconditioners.base`: one object per layer that owns both factors) absorbs the
+step's statistics (:mod:`kfqn.core.statistics`) around the step. A non-finite loss or gradient turns the whole step into a
 no-op on the device (counted); a non-finite direction of one layer is rejected for that layer.
 No ``.item()`` or other host synchronisation happens inside :meth:`step`.
 """
@@ -31,11 +32,15 @@ from kfqn.core.finite import all_finite, all_finite_many
 from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.registry import Registry, default_registry
 from kfqn.core.state_check import check_like, clone_tree
-from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
+from kfqn.core.statistics import LayerStatistics, StepStatistics
+from kfqn.curvature.base import LayerContext, StepInfo
 from kfqn.layers.base import LayerAdapter
-from kfqn.layers.capture import Capture, CaptureHooks
+from kfqn.layers.capture import CaptureHooks
 
-STATE_FORMAT = "kfqn-optimizer/1"
+STATE_FORMAT = "kfqn-optimizer/2"
+#: formats this version can no longer read, with the reason
+OLD_FORMATS = {"kfqn-optimizer/1": "written before kfqn 0.2, whose layers kept separate A-side "
+                                   "and G-side estimators instead of one preconditioner"}
 #: modules whose parameters are meant for a first-order rule: never reported as unsupported
 FIRST_ORDER_MODULES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.EmbeddingBag,
@@ -53,8 +58,8 @@ class Layer:
     module: nn.Module
     adapter: LayerAdapter
     hooks: CaptureHooks
-    a: AEstimator
-    g: GEstimator
+    #: the layer's preconditioner (:class:`kfqn.preconditioners.base.LayerPreconditioner`)
+    precond: Any
     group: int
     momentum: Tensor
     started: Tensor
@@ -137,12 +142,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self.layers: dict[str, Layer] = {}
         self._build_layers()
         self._sampling_layers = [l for l in self.layers.values()
-                                 if getattr(l.g, "needs_sampled_grads", False)]
+                                 if "sampled_grads" in l.precond.needs]
         self._output_hook = (
             model.register_forward_hook(torch.compiler.disable(self._on_model_output))
             if self._sampling_layers else None)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self._device())
-        self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
+        self._needs_trial = any("trial" in l.precond.needs for l in self.layers.values())
 
     # -- construction ------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -157,7 +162,11 @@ class KFQNOptimizer(torch.optim.Optimizer):
         for p in group_of:
             if p not in model_params:
                 raise ConfigError("a parameter in param_groups does not belong to the model")
-        adapters = [self.registry.get("layer_adapter", n) for n in self.config["layers"]]
+        wanted = self.config["layers"]
+        if wanted is None:  # every registered adapter, in registration order
+            adapters = [r.obj for r in self.registry.tables()["layer_adapter"].values()]
+        else:
+            adapters = [self.registry.get("layer_adapter", n) for n in wanted]
         names = {id(p): n for n, p in self.model.named_parameters()}
         owners: dict[int, int] = {}
         for _, module in self.model.named_modules():
@@ -169,14 +178,18 @@ class KFQNOptimizer(torch.optim.Optimizer):
             own = [p for p in module.parameters(recurse=False) if id(p) in group_of]
             if not own:
                 continue
-            adapter_cls = next((a for a in adapters if a.matches(module)), None)
+            matching = [a for a in adapters if a.matches(module)]
+            # the first adapter that takes the module; else the first match says why not
+            adapter_cls = next((a for a in matching if a.unsupported_reason(module) is None),
+                               matching[0] if matching else None)
             reason = None
             if mname in bypassed:
                 reason = bypassed[mname]
             elif adapter_cls is None:
                 if isinstance(module, FIRST_ORDER_MODULES):
                     continue
-                reason = f"no layer adapter for {type(module).__name__} (layers: {self.config['layers']})"
+                reason = (f"no layer adapter for {type(module).__name__} (layers: "
+                          f"{', '.join(a.name for a in adapters) or 'none'})")
             else:
                 reason = adapter_cls.unsupported_reason(module)
                 adapter = adapter_cls(module)
@@ -191,7 +204,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             if reason is not None:
                 self._unsupported(mname or type(module).__name__, module, reason)
                 continue
-            self._add_layer(mname, module, adapter, group_of[id(module.weight)])
+            for bname, block in adapter.blocks(mname):
+                self._add_layer(bname, module, block, group_of[id(module.weight)])
             claimed.update(id(p) for p in adapter.params())
         entries = []
         for gi, group in enumerate(self.param_groups):
@@ -235,7 +249,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self._late_fallbacks.append((list(names), self._make_fallback(entries)))
         self.fallback_params += [n for n, _, _ in entries]
         self._sampling_layers = [l for l in self._sampling_layers if l.name in self.layers]
-        self._needs_trial = any(l.g.needs_trial_pass for l in self.layers.values())
+        self._needs_trial = any("trial" in l.precond.needs for l in self.layers.values())
 
     def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
         policy = self.config["unsupported"]
@@ -253,14 +267,14 @@ class KFQNOptimizer(torch.optim.Optimizer):
     def _add_layer(self, name: str, module: nn.Module, adapter: LayerAdapter, group: int) -> None:
         dev = module.weight.device
         ctx = LayerContext(name, adapter, self.factor_dtype, dev, self.builder)
-        a = self.builder.estimator("a_estimator", self.config["a_side"], ctx)
-        g = self.builder.estimator("g_estimator", self.config["g_side"], ctx)
-        hooks = CaptureHooks(module, adapter, keep_grad_output=bool(getattr(g, "needs_grad_output", False)),
-                             keep_output=bool(getattr(g, "needs_sampled_grads", False)))
+        precond = self.builder.preconditioner(self.config, ctx)
+        hooks = CaptureHooks(module, adapter, keep_grad_output="grad_outputs" in precond.needs,
+                             keep_output="sampled_grads" in precond.needs)
         zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=dev)
         flag = initial_started(self.config, dev)
         count = torch.zeros((), dtype=torch.long, device=dev)
-        self.layers[name] = Layer(name, module, adapter, hooks, a, g, group, zeros, flag, count)
+        self.layers[name] = Layer(name, module, adapter, hooks, precond, group, zeros, flag,
+                                  count)
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D102
         if hasattr(self, "layers"):
@@ -300,7 +314,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
     @property
     def needs_warm_start(self) -> bool:
         """Whether :meth:`warm_start` should be run before training."""
-        return not self._warm_started and any(l.a.needs_warm_start for l in self.layers.values())
+        return not self._warm_started and any(l.precond.needs_warm_start for l in self.layers.values())
 
     def _lambdas(self, layer: Layer) -> tuple[float, float]:
         """(lambda_A, mu2) for a layer: sqrt(lambda) each, or the |T| split for conv layers."""
@@ -321,14 +335,14 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
         Runs under ``torch.no_grad``; BatchNorm running statistics are restored afterwards.
         """
-        targets = [l for l in self.layers.values() if l.a.needs_warm_start]
+        targets = [l for l in self.layers.values() if l.precond.needs_warm_start]
         bn = self._save_running_stats()
         for layer in self.layers.values():
             layer.hooks.phase = "warm" if layer in targets else None
             if layer in targets:
                 def cb(inp: Tensor, layer: Layer = layer) -> None:
                     layer.positions = layer.adapter.positions(inp)
-                    layer.a.warm_accumulate(inp)
+                    layer.precond.warm_accumulate(inp)
                 layer.hooks.on_warm = cb
         try:
             with torch.no_grad():
@@ -339,7 +353,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 layer.hooks.on_warm = None
             self._restore_running_stats(bn)
         for layer in targets:
-            layer.a.warm_finish(self._lambdas(layer)[0])
+            layer.precond.warm_finish(self._lambdas(layer)[0])
         self._warm_started = True
 
     # -- model state around the trial pass -----------------------------------------------------
@@ -414,7 +428,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         if (not self._sampling_layers or not torch.is_grad_enabled()
                 or not isinstance(output, Tensor) or not output.requires_grad):
             return  # e.g. evaluation; the estimators explain a missing result in prepare
-        owner = self._sampling_layers[0].g  # one g_side config: the first layer's speaks for all
+        owner = self._sampling_layers[0].precond  # one config: the first layer's speaks for all
         if not owner.wants_sampled_grads(self._step_count):
             return
         layers = [l for l in self._sampling_layers
@@ -446,9 +460,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
             checks.append(torch.as_tensor(loss, device=dev).detach())
         return all_finite_many(checks, dev)
 
-    def _active_layers(self) -> list[tuple[Layer, Capture]]:
+    def _collect_statistics(self) -> tuple[list[Layer], StepStatistics]:
+        """The layers that delivered statistics this step, and those statistics: the one place
+        where a step's layer statistics come together (:mod:`kfqn.core.statistics`)."""
         self._release_uncaptured()
         active = []
+        stats = StepStatistics()
         for layer in self.layers.values():
             cap = layer.hooks.slots["current"]
             if cap.calls > 1:
@@ -460,8 +477,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 layer.captured = True
             if cap.complete and layer.module.weight.grad is not None:
                 layer.positions = cap.positions
-                active.append((layer, cap))
-        return active
+                active.append(layer)
+                stats[layer.name] = LayerStatistics(cap)
+        return active, stats
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # noqa: C901
         """One optimisation step. See the class docstring for the closure contract."""
@@ -484,23 +502,24 @@ class KFQNOptimizer(torch.optim.Optimizer):
             rng_after = _rng_state()
         t1 = time.perf_counter()
         times["forward_backward"] = t1 - t0
-        active = self._active_layers()
+        active, statistics = self._collect_statistics()
         if active and self.needs_warm_start and not self._warned_no_warm:
+            key = ("a_side.warm_start" if "a_side" in self.config
+                   else "preconditioner.warm_start")
             warnings.warn(
                 f"{self.config['name']}: A factors start from the first batch because "
-                "opt.warm_start() was not run before training (docs/algorithms.md §3 warm start); set "
-                "a_side.warm_start=false to make this the intended behaviour", stacklevel=2)
+                "opt.warm_start() was not run before training (docs/algorithms.md §3 warm "
+                f"start); set {key}=false to make this the intended behaviour", stacklevel=2)
             self._warned_no_warm = True
         with torch.no_grad():
             ok = self._finite_flag(loss)
             self.nonfinite_steps = self.nonfinite_steps + (~ok).long()
             infos: dict[str, StepInfo] = {}
-            for layer, cap in active:
+            for layer in active:
                 lam_a, mu2 = self._lambdas(layer)
                 info = StepInfo(ok, self._step_count, lam_a, mu2)
                 infos[layer.name] = info
-                layer.g.prepare(cap, info)
-                layer.a.prepare(cap, info)
+                layer.precond.prepare(statistics[layer.name], info)
             t2 = time.perf_counter()
             times["factor_updates"] = t2 - t1
             self._precondition_and_move(active, ok)
@@ -510,8 +529,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 fallback.step(ok)
             t4 = time.perf_counter()
             times["fallback"] = t4 - t3
-            for layer, cap in active:
-                layer.a.after_step(cap, infos[layer.name])
+            for layer in active:
+                layer.precond.after_move(statistics[layer.name], infos[layer.name])
             t5 = time.perf_counter()
             times["factor_updates"] += t5 - t4
         if self._needs_trial and active and closure is not None:
@@ -520,13 +539,13 @@ class KFQNOptimizer(torch.optim.Optimizer):
             times["extra_pass"] = t6 - t5
             t5 = t6
             with torch.no_grad():
-                for layer, cap in active:
-                    trial = layer.hooks.slots["trial"]
-                    if trial.complete:
-                        layer.g.after_trial(cap, trial, infos[layer.name])
+                for layer in active:
+                    stats = statistics[layer.name]
+                    stats.trial = layer.hooks.slots["trial"]
+                    layer.precond.after_trial(stats, infos[layer.name])
         with torch.no_grad():
-            for layer, cap in active:
-                layer.g.after_step(cap, infos[layer.name])
+            for layer in active:
+                layer.precond.end_step(statistics[layer.name], infos[layer.name])
         for layer in self.layers.values():  # drop references to activations
             layer.hooks.reset("current")
             layer.hooks.reset("trial")
@@ -536,11 +555,11 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self._step_count += 1
         return loss
 
-    def _precondition_and_move(self, active: list[tuple[Layer, Capture]], ok: Tensor) -> None:
+    def _precondition_and_move(self, active: list[Layer], ok: Tensor) -> None:
         form = self.config["momentum_form"]
         inside = self.config["weight_decay_mode"] == "inside"
         dt = self.factor_dtype
-        for layer, _ in active:
+        for layer in active:
             group = self.param_groups[layer.group]
             wd = float(group["weight_decay"])
             grad = layer.adapter.homogeneous_grad().to(dt)
@@ -552,14 +571,14 @@ class KFQNOptimizer(torch.optim.Optimizer):
             layer.started = layer.started | ok
             # the step is -lr * (H_g Mhat H_a [+ tau Wbar outside]), zero if not finite;
             # computed transposed, (d_a, d_g), where the BLAS products run faster (apply_t)
-            precond = layer.a.apply_t(layer.g.apply_t(layer.momentum.T)).T
+            precond = layer.precond.precondition_t(layer.momentum.T).T
             if wbar is not None and not inside:
                 precond = precond + wd * wbar
             good = ok & all_finite(precond)
             layer.dir_rejected = layer.dir_rejected + (ok & ~good).long()
             precond = torch.where(good, precond, torch.zeros((), dtype=dt, device=precond.device))
             lr = float(group["lr"])
-            for p, d in zip(layer.adapter.params(), layer.adapter.split(precond)):
+            for p, d in zip(layer.adapter.targets(), layer.adapter.split(precond)):
                 p.add_(d.to(p.dtype), alpha=-lr)
 
     # -- analysis ------------------------------------------------------------------------------
@@ -573,11 +592,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         """
         out: dict[str, dict[str, float]] = {}
         for name, layer in self.layers.items():
-            row = {k: float(v) for k, v in {**layer.a.stats(), **layer.g.stats()}.items()}
-            for side, est in (("a", layer.a), ("g", layer.g)):
-                factor_stats = getattr(getattr(est, "factor", None), "stats", None)
-                if factor_stats is not None:  # resets of a factor that became non-finite
-                    row.update({f"{side}_{k}": float(v) for k, v in factor_stats().items()})
+            row = {k: float(v) for k, v in layer.precond.stats().items()}
             row["dir_rejected"] = float(layer.dir_rejected)
             for key, mat in self._factor_dict(layer).items():
                 if key.startswith("H_"):
@@ -589,7 +604,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _factor_dict(layer: Layer) -> dict[str, Tensor]:
-        return {**layer.a.factors(), **layer.g.factors()}
+        return layer.precond.factors()
 
     def factors(self) -> dict[str, dict[str, Tensor]]:
         """Per-layer dense factors: H_a, H_g, and A (and G) where the method keeps them."""
@@ -599,7 +614,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         """Bytes of optimizer state: factors, pair buffers, momentum of every parameter."""
         total = 0
         for layer in self.layers.values():
-            total += layer.a.state_bytes() + layer.g.state_bytes()
+            total += layer.precond.state_bytes()
             total += layer.momentum.numel() * layer.momentum.element_size()
         for fallback in self._fallbacks():
             fallback_bytes = getattr(fallback, "state_bytes", None)
@@ -629,7 +644,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             groups.append(entry)
         layers = {}
         for name, layer in self.layers.items():
-            layers[name] = {"a": layer.a.state_dict(), "g": layer.g.state_dict(),
+            layers[name] = {"precond": layer.precond.state_dict(),
                             "momentum": layer.momentum, "started": layer.started,
                             "dir_rejected": layer.dir_rejected}
         return {"format": STATE_FORMAT, "config": self.config, "step": self._step_count,
@@ -640,7 +655,13 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     def _check_checkpoint(self, state_dict: Any) -> None:
         """Everything :meth:`load_state_dict` checks before it changes anything (one line)."""
-        if not isinstance(state_dict, dict) or state_dict.get("format") != STATE_FORMAT:
+        fmt = state_dict.get("format") if isinstance(state_dict, dict) else None
+        if fmt in OLD_FORMATS:
+            raise KfqnError(f"this checkpoint has format {fmt!r} ({OLD_FORMATS[fmt]}); this kfqn "
+                            f"reads {STATE_FORMAT!r}. Restart the run from the model weights "
+                            "with a new optimizer, or load it with the kfqn that wrote it; "
+                            "nothing was loaded")
+        if not isinstance(state_dict, dict) or fmt != STATE_FORMAT:
             raise KfqnError(f"not a kfqn optimizer checkpoint (expected format {STATE_FORMAT!r})")
         theirs, ours = state_dict.get("config"), self.config
         if not isinstance(theirs, dict):
@@ -704,9 +725,16 @@ class KFQNOptimizer(torch.optim.Optimizer):
         check_like(expected, state_dict)
 
     def _entries_of(self, layer_names: list[str]) -> list:
+        """(name, parameter, group) of the parameters of these layers, each once (the blocks of
+        one module share its parameters)."""
         pnames = {id(p): n for n, p in self.model.named_parameters()}
-        return [(pnames[id(p)], p, self.param_groups[self.layers[n].group])
-                for n in layer_names for p in self.layers[n].adapter.params()]
+        out, seen = [], set()
+        for n in layer_names:
+            for p in self.layers[n].adapter.params():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((pnames[id(p)], p, self.param_groups[self.layers[n].group]))
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint from :meth:`state_dict`.
@@ -745,8 +773,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
                     g[k] = v
         for name, layer in self.layers.items():
             s = state_dict["layers"][name]
-            layer.a.load_state_dict(s["a"])
-            layer.g.load_state_dict(s["g"])
+            layer.precond.load_state_dict(s["precond"])
             layer.momentum = s["momentum"].to(layer.momentum).clone()
             layer.started = s["started"].to(layer.started.device).clone()
             layer.dir_rejected = s["dir_rejected"].to(layer.dir_rejected.device).clone()

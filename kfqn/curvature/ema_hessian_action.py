@@ -17,13 +17,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import (AEstimator, FirstBatchStart, LayerContext, StepInfo,
                                  WarmStartSum)
 from kfqn.layers.capture import Capture
 
 
+@register('a_estimator')
 class EMAHessianActionA(AEstimator):
     name = "ema_hessian_action"
     description = "K-BFGS A side [P2]: EMA of A, Hessian-action BFGS for H_a"

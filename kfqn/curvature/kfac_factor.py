@@ -35,25 +35,11 @@ CADENCE_OPTIONS: dict[str, Option | Sub] = {
                              type=int, low=0),
     "damping_split": Option("sqrt", "'sqrt': the layer's per-side damping (sqrt(lambda)); 'pi': "
                             "times pi on A, divided by pi on G, pi = sqrt((tr A/d_a)/(tr G/d_g)); "
-                            "give both sides the same value", choices=["sqrt", "pi"]),
+                            "", choices=["sqrt", "pi"]),
     "precondition": Option(True, "false: H = I while statistics are still kept (preconditioning "
                            "switched off, for tests and ablations)", type=bool),
     "inversion": Sub("inversion", "cholesky", "how (F + gamma I)^{-1} is computed"),
 }
-
-TRACE_KEY = "kfac_normalised_trace_{}"
-
-
-def pi_factor(shared: Mapping[str, Any]) -> Tensor | float:
-    """pi = sqrt((tr A / d_a) / (tr G / d_g)) from the traces both sides published; 1 where one
-    is missing, not positive or not finite."""
-    ta, tg = shared.get(TRACE_KEY.format("a")), shared.get(TRACE_KEY.format("g"))
-    if ta is None or tg is None:
-        return 1.0
-    good = (ta > 0) & (tg > 0) & torch.isfinite(ta) & torch.isfinite(tg)
-    ratio = ta / torch.where(good, tg, torch.ones_like(tg))
-    return torch.where(good, ratio.clamp_min(0).sqrt(), torch.ones_like(ratio))
-
 
 class KFACFactorMixin:
     """Shared state and logic of the K-FAC A and G estimators (see the module docstring).
@@ -63,6 +49,8 @@ class KFACFactorMixin:
     """
 
     side: str = "a"
+    #: pi of the pi-split, set by the owning preconditioner (both factors' traces)
+    pi: Any = staticmethod(lambda: 1.0)
     factor_key: str = "A"
     inverse_key: str = "H_a"
     ctx: LayerContext
@@ -108,17 +96,11 @@ class KFACFactorMixin:
         self.mat = torch.where(take, new, self.mat)
         self.seen = self.seen | take
         self.stat_updates = self.stat_updates + good.long()
-        self._publish_trace()
 
     def _set_factor(self, mat: Tensor) -> None:
         """Set F directly (warm start)."""
         self.mat = mat.to(self.ctx.dtype)
         self.seen = torch.ones((), dtype=torch.bool, device=self.ctx.device)
-        self._publish_trace()
-
-    def _publish_trace(self) -> None:
-        if self.mat is not None:
-            self.ctx.shared[TRACE_KEY.format(self.side)] = torch.trace(self.mat) / self.dim
 
     # -- inverse -----------------------------------------------------------------------------
     def _schedule_inverse(self, step: int, gamma: float) -> None:
@@ -130,7 +112,7 @@ class KFACFactorMixin:
     def _damping(self) -> float | Tensor:
         if self.opts["damping_split"] != "pi":
             return self._gamma
-        pi = pi_factor(self.ctx.shared)
+        pi = self.pi()
         return self._gamma * pi if self.side == "a" else self._gamma / pi
 
     def _refresh_inverse(self) -> None:
@@ -174,4 +156,3 @@ class KFACFactorMixin:
         self._inverse_due = bool(state["inverse_due"])
         gamma = state["gamma"]
         self._gamma = gamma.to(dev).clone() if isinstance(gamma, Tensor) else float(gamma)
-        self._publish_trace()

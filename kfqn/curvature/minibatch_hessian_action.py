@@ -12,13 +12,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.core.errors import ConfigError
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import AEstimator, FirstBatchStart, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
 
 
+@register('a_estimator')
 class MinibatchHessianActionA(AEstimator):
     name = "minibatch_hessian_action"
     description = "KF-BFGS-CNN A side [P1]: minibatch Hessian action, A never stored"

@@ -61,7 +61,7 @@ class OutputLoss:
                             f"got shape {tuple(z.shape)}")
         if self.kind == "cross_entropy" and (z.dim() < 2 or z.shape[1] < 2):
             raise KfqnError(
-                f"g_side.loss = 'cross_entropy' needs logits of shape (batch, classes, ...) with "
+                f"loss = 'cross_entropy' needs logits of shape (batch, classes, ...) with "
                 f"at least 2 classes; the model returned shape {tuple(z.shape)}. For one logit per "
                 "output use loss=sigmoid_cross_entropy; for regression loss=mse")
 

@@ -19,12 +19,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
 
 
+@register('g_estimator')
 class SecantPairsG(GEstimator):
     name = "secant_pairs"
     description = "K-BFGS G side: pre-activation secant pairs, EMA, damping, BFGS/L-BFGS on H_g"

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.core.finite import all_finite
 from kfqn.inversion.base import (EIGH_FALLBACK, FIRST_PATH, FLOAT64_RETRY, SHIFTED_FALLBACK,
                                  Damping, Inversion, InversionResult, clean_input, eigh_power,
@@ -70,6 +70,7 @@ def gershgorin_shift(a: Tensor) -> Tensor:
     return (off - diag).clamp_min(0.0).max()
 
 
+@register('inversion')
 class CholeskyInversion(Inversion):
     name = "cholesky"
     description = "Cholesky inverse, float64 retry, eigh (or sync-free shifted) fallback"
@@ -124,6 +125,7 @@ class CholeskyInversion(Inversion):
         return guard(InversionResult(sym(inv), fallback), a, damping)
 
 
+@register('inversion')
 class LazyCholeskyInversion(CholeskyInversion):
     name = "cholesky_lazy"
     description = "Cholesky inverse; float64 retry and eigh fallback only on failure (host read)"

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.inversion.base import (FIRST_PATH, Damping, Inversion, InversionResult, eigh_power, guard,
                                  sym)
 
 
+@register('inversion')
 class EighInversion(Inversion):
     name = "eigh"
     description = "eigendecomposition inverse with damping added to clamped eigenvalues"

@@ -88,8 +88,22 @@ class LayerAdapter(Component):
         return self.module.weight[0].numel() + int(self.has_bias)
 
     def params(self) -> list[nn.Parameter]:
-        """The parameters this adapter preconditions: weight, then bias if any."""
+        """The module's parameters this adapter claims: weight, then bias if any."""
         return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    def targets(self) -> list[Tensor]:
+        """The tensors the direction of this block is added to, in :meth:`split`'s order: the
+        parameters themselves, or views of them for a block of a module (one group of a
+        grouped convolution)."""
+        return self.params()
+
+    def blocks(self, name: str) -> list[tuple[str, "LayerAdapter"]]:
+        """The Kronecker blocks of the module, as (layer name, adapter) pairs: one block (the
+        adapter itself) by default; an adapter for a module with several independent blocks
+        (e.g. ``groups > 1``) returns one adapter per block, each handling its slice of the
+        statistics and of the parameters (:meth:`targets`). Each block gets its own
+        preconditioner, momentum and checkpoint entry."""
+        return [(name, self)]
 
     # -- homogeneous matrices ---------------------------------------------------------------
     def homogeneous(self, weight: Tensor, bias: Tensor | None) -> Tensor:

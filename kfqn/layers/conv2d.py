@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kfqn.layers.base import LayerAdapter
+from kfqn.core.components import register
 
 
+@register('layer_adapter')
 class Conv2dAdapter(LayerAdapter):
     name = "conv2d"
     description = "nn.Conv2d (groups=1, zero padding; stride, padding, dilation, bias)"

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from kfqn.layers.base import LayerAdapter, add_gram_
+from kfqn.core.components import register
 
 
+@register('layer_adapter')
 class LinearAdapter(LayerAdapter):
     name = "linear"
     description = "nn.Linear (bias or not; extra input dimensions act as positions)"

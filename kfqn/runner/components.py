@@ -1,7 +1,7 @@
 """Look-up of registered data sets and models, and validation of their ``options``.
 
 Data sets and models are registry components (kinds ``dataset`` and ``model``), contributed by
-:mod:`kfqn.plugins.runner_components` or any third-party plugin through the hooks
+:mod:`kfqn.runner.builtins` (kinds added by :mod:`kfqn.runner.registry`) or any third-party plugin through the hooks
 ``kfqn_datasets`` / ``kfqn_models``. Each is a class; the runner instantiates it without
 arguments and passes the validated ``options`` of the experiment config to its build method.
 """
@@ -22,13 +22,13 @@ def get_component(kind: str, name: str, key: str) -> Any:
 
     ``key`` is the config key that named it (``data.name``); it prefixes the error message.
     """
-    from kfqn.core.registry import default_registry
+    from kfqn.runner.registry import runner_registry
 
     if not name:
-        names = ", ".join(default_registry().names(kind)) or "(none)"
+        names = ", ".join(runner_registry().names(kind)) or "(none)"
         raise ConfigError(f"{key} is required; registered {kind}s: {names}")
     try:
-        cls = default_registry().get(kind, str(name))
+        cls = runner_registry().get(kind, str(name))
     except RegistryError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return cls() if isinstance(cls, type) else cls

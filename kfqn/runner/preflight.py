@@ -17,7 +17,7 @@ from kfqn.core.errors import ConfigError
 from kfqn.runner import config as cfgmod
 from kfqn.runner.components import get_component, resolve_options
 
-#: G-side options that say which loss the Fisher belongs to
+#: options (of K-FAC's preconditioner section) that say which loss the Fisher belongs to
 FISHER_KEYS = ("loss", "loss_reduction", "mse_scale")
 
 
@@ -32,29 +32,33 @@ def _resolve_optimizer(spec: dict) -> dict:
 
 
 def derive_fisher_loss(cfg: DictConfig, model_comp: Any, model_opts: dict) -> None:
-    """Set ``optimizer.g_side.loss`` (and its reduction / scale) from the model's training loss
-    when the G side needs a loss (K-FAC with a sampled or exact Fisher) and the config leaves it
-    unset; a config that sets a different loss is a :class:`ConfigError`."""
+    """Set the optimizer's output loss (``preconditioner.loss`` of K-FAC, or ``g_side.loss`` of a
+    G-side estimator that declares one; and its reduction / scale) from the model's training loss
+    when the Fisher needs one (a sampled or exact Fisher) and the config leaves it unset; a
+    config that sets a different loss is a :class:`ConfigError`."""
     resolved = _resolve_optimizer(cfgmod.to_dict(cfg.optimizer))
-    g = resolved.get("g_side") or {}
-    if "loss" not in g or g.get("fisher") == "empirical":
+    section = next((k for k in ("preconditioner", "g_side")
+                    if isinstance(resolved.get(k), dict) and "loss" in resolved[k]), None)
+    if section is None or resolved[section].get("fisher") == "empirical":
         return
     fn = getattr(model_comp, "fisher_loss", None)
     want = fn(**model_opts) if callable(fn) else None
     if not want:
         return
-    raw = OmegaConf.select(cfg, "optimizer.g_side", default=None)
+    raw = OmegaConf.select(cfg, f"optimizer.{section}", default=None)
     given = cfgmod.to_dict(raw) if isinstance(raw, DictConfig) else (
         {"name": raw} if raw is not None else {})
     for key, value in want.items():
         if key in given and given[key] != value:
             loss_name = model_comp.loss_name(**model_opts)
             raise ConfigError(
-                f"optimizer.g_side.{key} = {given[key]!r} but model {model_comp.name!r} trains "
-                f"with the {loss_name} loss, whose Fisher needs g_side.{key} = {value!r}; "
-                f"remove optimizer.g_side.{key} (the runner sets it from the model) or set it "
-                f"to {value!r}")
-    OmegaConf.update(cfg, "optimizer.g_side", {**given, **want}, merge=False)
+                f"optimizer.{section}.{key} = {given[key]!r} but model {model_comp.name!r} "
+                f"trains with the {loss_name} loss, whose Fisher needs {section}.{key} = "
+                f"{value!r}; remove optimizer.{section}.{key} (the runner sets it from the "
+                f"model) or set it to {value!r}")
+    if "name" not in given:
+        given = {"name": resolved[section]["name"], **given}
+    OmegaConf.update(cfg, f"optimizer.{section}", {**given, **want}, merge=False)
 
 
 def preflight(cfg: DictConfig) -> DictConfig:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kfqn.updates.base import InverseFactor
+from kfqn.core.components import register
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -37,6 +38,7 @@ def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
     return 0.5 * (new + new.T)
 
 
+@register('factor_update')
 class BFGSFactor(InverseFactor):
     name = "bfgs"
     description = "dense BFGS inverse update, H+ y = s (docs/algorithms.md §3)"

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.updates.base import Damping, DampingResult, postcondition_rtol
 
 HyFn = Callable[[Tensor], Tensor]
@@ -103,6 +103,7 @@ def powell_identity(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, Tensor]:
     return torch.where(ok, out, torch.zeros_like(out)), active
 
 
+@register('damping')
 class NoDamping(Damping):
     name = "none"
     description = "no damping: the pair is used as it is"
@@ -111,6 +112,7 @@ class NoDamping(Damping):
         return DampingResult(s, y)
 
 
+@register('damping')
 class PowellDamping(Damping):
     name = "powell"
     description = "Powell damping on H (mu1 = 0.2): s^T y >= mu1 y^T H y afterwards"
@@ -134,6 +136,7 @@ class _PowellThenSecond(PowellDamping):
         return _at_least(torch.dot(s, y), mu2 * torch.dot(s, s), postcondition_rtol(s.dtype))
 
 
+@register('damping')
 class DoubleDamping(_PowellThenSecond):
     name = "dd"
     description = "double damping [P2]: Powell on H, then Powell with B = I and mu2 = sqrt(lambda)"
@@ -147,6 +150,7 @@ class DoubleDamping(_PowellThenSecond):
         return DampingResult(s, y, {"powell": act1, "second": act2}, ok)
 
 
+@register('damping')
 class DDV2Damping(_PowellThenSecond):
     name = "ddv2"
     description = "DDV2 [P1] (R): Powell on H, then Levenberg-Marquardt y <- y + mu2 s"

@@ -7,8 +7,10 @@ import torch
 from torch import Tensor
 
 from kfqn.updates.base import InverseFactor
+from kfqn.core.components import register
 
 
+@register('factor_update')
 class IdentityFactor(InverseFactor):
     name = "identity"
     description = "H = I always (switches preconditioning off on that side)"

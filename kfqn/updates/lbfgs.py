@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.updates.base import InverseFactor, admissible
 
 
+@register('factor_update')
 class LBFGSFactor(InverseFactor):
     name = "lbfgs"
     description = "limited-memory BFGS (p pairs, FIFO, H0 = gamma I), compact form (docs/algorithms.md §3)"

@@ -1,4 +1,4 @@
-"""K-FAC's Fisher belongs to the training loss: the runner sets ``g_side.loss`` from the model
+"""K-FAC's Fisher belongs to the training loss: the runner sets ``preconditioner.loss`` from the model
 and refuses a config that names another loss; every shipped config gets it right."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from kfqn.runner.preflight import preflight
 
 
 def _kfac_loss(cfg) -> OutputLoss | None:
-    g = resolve_config(C.to_dict(cfg.optimizer), default_registry())["g_side"]
+    g = resolve_config(C.to_dict(cfg.optimizer), default_registry())["preconditioner"]
     if "loss" not in g or g.get("fisher") == "empirical":
         return None
     return OutputLoss(g["loss"], g["loss_reduction"], g["mse_scale"])
@@ -68,7 +68,7 @@ def test_the_shipped_configs_hold_kfac_runs_of_both_kinds():
 def _cfg(model: dict, g_side: dict | None = None, data: str = "digits"):
     opt = {"preset": "kfac"}
     if g_side is not None:
-        opt["g_side"] = g_side
+        opt["preconditioner"] = g_side
     return C.compose_run(C.base_config({"name": "t", "data": {"name": data}, "model": model,
                                         "optimizer": opt, "budget": {"steps": 1}}))
 
@@ -82,17 +82,17 @@ def test_the_kfac_loss_is_derived_from_the_model_when_unset(loss, seed, batch):
     cfg = preflight(_cfg(model))
     want = {"sigmoid_ce": "sigmoid_cross_entropy", "half_squared": "mse", None:
             "sigmoid_cross_entropy"}[loss]
-    assert cfg.optimizer.g_side.loss == want
+    assert cfg.optimizer.preconditioner.loss == want
     _same_loss(cfg, seed, batch)
 
 
 def test_a_classifier_keeps_cross_entropy_and_an_empirical_fisher_needs_no_loss():
     cfg = preflight(_cfg({"name": "digits_cnn"}))
-    assert cfg.optimizer.g_side.loss == "cross_entropy"
+    assert cfg.optimizer.preconditioner.loss == "cross_entropy"
     _same_loss(cfg)
     # the empirical Fisher takes the gradient of the real loss: nothing to derive or check
     cfg = preflight(_cfg({"name": "mlp_autoencoder"}, {"fisher": "empirical"}))
-    assert "loss" not in cfg.optimizer.g_side
+    assert "loss" not in cfg.optimizer.preconditioner
 
 
 @pytest.mark.parametrize("g_side,key", [
@@ -105,11 +105,11 @@ def test_a_config_naming_another_loss_is_one_line_error(g_side, key):
         preflight(_cfg({"name": "mlp_autoencoder"}, g_side))
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"optimizer.g_side.{key}" in msg and "sigmoid_ce" in msg and "remove" in msg
+    assert f"optimizer.preconditioner.{key}" in msg and "sigmoid_ce" in msg and "remove" in msg
 
 
 def test_preflight_is_idempotent_and_keeps_other_g_side_keys():
     cfg = preflight(_cfg({"name": "mlp_autoencoder"}, {"inversion": "cholesky_lazy"}))
     once = C.to_dict(cfg)
     assert C.to_dict(preflight(cfg)) == once
-    assert once["optimizer"]["g_side"]["inversion"] == "cholesky_lazy"
+    assert once["optimizer"]["preconditioner"]["inversion"] == "cholesky_lazy"

@@ -29,8 +29,8 @@ RECONSTRUCTION_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 }
 
 
-#: the K-FAC output loss (``g_side.loss``, ``loss_reduction``, ``mse_scale`` of the ``kfac``
-#: G estimator) that equals each training loss above, so that the Fisher is the right one
+#: the K-FAC output loss (``preconditioner.loss``, ``loss_reduction``, ``mse_scale`` of the
+#: ``kfac`` preconditioner) that equals each training loss above, so that the Fisher is the right one
 FISHER_LOSSES: dict[str, dict[str, Any]] = {
     "cross_entropy": {"loss": "cross_entropy", "loss_reduction": "batch"},
     "sigmoid_ce": {"loss": "sigmoid_cross_entropy", "loss_reduction": "batch"},

@@ -1,10 +1,10 @@
-"""Shampoo as two curvature estimators (docs/algorithms.md §4; Gupta, Koren, Singer, *Shampoo: Preconditioned
+"""Shampoo as one preconditioner per layer (docs/algorithms.md §4; Gupta, Koren, Singer, *Shampoo: Preconditioned
 Stochastic Tensor Optimization*, ICML 2018, Algorithm 1 for matrices).
 
 With Mbar the homogeneous gradient (d_g x d_a) of the current step:
 
-    A side:  L <- L + Mbar^T Mbar          (d_a x d_a),   H_a = (L + eps I)^{-1/4}
-    G side:  R <- R + Mbar Mbar^T          (d_g x d_g),   H_g = (R + eps I)^{-1/4}
+    L <- L + Mbar^T Mbar          (d_a x d_a),   H_a = (L + eps I)^{-1/4}
+    R <- R + Mbar Mbar^T          (d_g x d_g),   H_g = (R + eps I)^{-1/4}
     P = -H_g Mhat H_a
 
 (``beta`` < 1 turns the sums into EMAs started at the first statistic.) Statistics every T1
@@ -12,12 +12,10 @@ steps, inverse roots by eigendecomposition every T2 steps and every step for the
 ``inverse_warmup``; the layer's lambda is not used, ``epsilon`` is Shampoo's own. ``root`` is
 the order of the root (4 for the two factors of a matrix).
 
-Grafting (G side, ``grafting: sgd``; Agarwal et al., *Disentangling adaptive gradient methods
-from learning rates*, 2020): each layer's direction is rescaled to the norm of the momentum
-direction Mhat, so Shampoo chooses the direction and SGD-momentum the step length. Whichever
-Shampoo side is applied first records the norm of its input Mhat in the layer's shared dict and
-the second rescales its output, so the order the optimizer applies the sides in does not matter.
-With a Shampoo G side beside another A side, the G side rescales its own output.
+Grafting (``grafting: sgd``; Agarwal et al., *Disentangling adaptive gradient methods from
+learning rates*, 2020): each layer's direction is rescaled to the norm of the momentum direction
+Mhat, so Shampoo chooses the direction and SGD-momentum the step length:
+P = -(H_g Mhat H_a) ||Mhat|| / ||H_g Mhat H_a||.
 """
 from __future__ import annotations
 
@@ -26,29 +24,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from kfqn.core.components import Option
+from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo
+from kfqn.curvature.base import LayerContext, StepInfo
 from kfqn.layers.capture import Capture
-
-GRAFT_KEY = "shampoo_graft_norm"
-GRAFT_ON = "shampoo_grafting"
-SIDES = "shampoo_sides"
-
-
-def _graft(shared: dict, m: Tensor, out: Tensor) -> Tensor:
-    """Grafting hand-over between the two Shampoo sides of a layer (module docstring)."""
-    if not shared.get(GRAFT_ON, False):
-        return out
-    if shared.get(SIDES, 0) < 2:
-        ref = torch.linalg.vector_norm(m)
-    else:
-        ref = shared.pop(GRAFT_KEY, None)
-        if ref is None:              # the first side of this step: hand the norm of Mhat over
-            shared[GRAFT_KEY] = torch.linalg.vector_norm(m)
-            return out
-    norm = torch.linalg.vector_norm(out)
-    return out * torch.where(norm > 0, ref / torch.where(norm > 0, norm, 1.0), 1.0)
+from kfqn.preconditioners.base import LayerPreconditioner
 
 OPTIONS: dict[str, Option | Sub] = {
     "beta": Option(1.0, "1 = running sum (Shampoo); < 1 = EMA with this decay", type=float,
@@ -62,19 +42,20 @@ OPTIONS: dict[str, Option | Sub] = {
     "precondition": Option(True, "false: H = I while statistics are still kept (preconditioning "
                            "switched off)", type=bool),
     "inversion": Sub("inversion", "eigh", "strategy whose invert_root computes the roots"),
+    "grafting": Option("sgd", "'sgd': rescale each layer's direction to the norm of the "
+                       "momentum direction (learning-rate grafting); 'none'",
+                       choices=["none", "sgd"]),
 }
 
 
-class _ShampooSide:
-    """Statistic, cadence and inverse root of one side (``side`` 'a' or 'g')."""
+class _Side:
+    """Statistic, cadence and inverse root of one side ('a': L from Mbar^T Mbar, d_a x d_a;
+    'g': R from Mbar Mbar^T, d_g x d_g)."""
 
-    side = "a"
-    factor_key, inverse_key = "A", "H_a"
-    ctx: LayerContext
-    opts: dict
-    _stats: dict
-
-    def _init_side(self, dim: int) -> None:
+    def __init__(self, ctx: LayerContext, opts: dict, side: str, stats: dict) -> None:
+        self.ctx, self.opts, self.side, self._stats = ctx, opts, side, stats
+        self.factor_key, self.inverse_key = ("A", "H_a") if side == "a" else ("G", "H_g")
+        dim = ctx.adapter.d_a if side == "a" else ctx.adapter.d_g
         dt, dev = self.ctx.dtype, self.ctx.device
         self.dim = dim
         self.inversion = self.ctx.inversion(self.opts["inversion"])
@@ -87,7 +68,7 @@ class _ShampooSide:
         self.inversions = 0
 
     def _outer(self, mbar: Tensor) -> Tensor:
-        raise NotImplementedError
+        return mbar.T @ mbar if self.side == "a" else mbar @ mbar.T
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         step = info.step
@@ -133,47 +114,44 @@ class _ShampooSide:
         self.inversions = int(state["inversions"])
 
 
-class ShampooA(_ShampooSide, AEstimator):
+@register("preconditioner")
+class ShampooPreconditioner(LayerPreconditioner):
     name = "shampoo"
-    description = "Shampoo A side [Gupta et al. 2018]: (sum Mbar^T Mbar + eps I)^(-1/4)"
+    description = ("Shampoo [Gupta et al. 2018]: (sum Mbar Mbar^T + eps I)^(-1/4) Mhat "
+                   "(sum Mbar^T Mbar + eps I)^(-1/4), SGD grafting")
     options = OPTIONS
-    subcomponents = {"inversion": "inversion"}
-    side, factor_key, inverse_key = "a", "A", "H_a"
 
-    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
-        super().__init__(ctx, options)
-        self._init_side(ctx.adapter.d_a)
-        ctx.shared[SIDES] = ctx.shared.get(SIDES, 0) + 1
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
+                 config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, options, config)
+        self._stats: dict[str, Tensor] = {}
+        self.a = _Side(ctx, self.opts, "a", self._stats)
+        self.g = _Side(ctx, self.opts, "g", self._stats)
 
-    def _outer(self, mbar: Tensor) -> Tensor:
-        return mbar.T @ mbar
+    def prepare(self, stats: Any, info: StepInfo) -> None:
+        self.g.prepare(stats.current, info)
+        self.a.prepare(stats.current, info)
 
-    def apply(self, m: Tensor) -> Tensor:
-        out = m @ self._h() if self.opts["precondition"] else m
-        return _graft(self.ctx.shared, m, out)
+    def precondition_t(self, mt: Tensor) -> Tensor:
+        m = mt.T
+        if not self.opts["precondition"]:
+            return mt
+        out = (self.g._h() @ m) @ self.a._h()
+        if self.opts["grafting"] == "sgd":
+            ref = torch.linalg.vector_norm(m)
+            norm = torch.linalg.vector_norm(out)
+            out = out * torch.where(norm > 0, ref / torch.where(norm > 0, norm, 1.0), 1.0)
+        return out.T
 
+    def stats(self) -> dict[str, Tensor]:
+        return dict(self._stats)
 
-class ShampooG(_ShampooSide, GEstimator):
-    name = "shampoo"
-    description = "Shampoo G side [Gupta et al. 2018]: (sum Mbar Mbar^T + eps I)^(-1/4), grafting"
-    options = {
-        **OPTIONS,
-        "grafting": Option("none", "'sgd': rescale each layer's direction to the norm of the "
-                           "momentum direction (learning-rate grafting); 'none'",
-                           choices=["none", "sgd"]),
-    }
-    subcomponents = {"inversion": "inversion"}
-    side, factor_key, inverse_key = "g", "G", "H_g"
+    def factors(self) -> dict[str, Tensor]:
+        return {**self.a.factors(), **self.g.factors()}
 
-    def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
-        super().__init__(ctx, options)
-        self._init_side(ctx.adapter.d_g)
-        ctx.shared[SIDES] = ctx.shared.get(SIDES, 0) + 1
-        ctx.shared[GRAFT_ON] = self.opts["grafting"] == "sgd"
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
 
-    def _outer(self, mbar: Tensor) -> Tensor:
-        return mbar @ mbar.T
-
-    def apply(self, m: Tensor) -> Tensor:
-        out = self._h() @ m if self.opts["precondition"] else m
-        return _graft(self.ctx.shared, m, out)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a.load_state_dict(state["a"])
+        self.g.load_state_dict(state["g"])

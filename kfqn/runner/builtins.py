@@ -1,4 +1,5 @@
-"""Built-in data sets and models for the experiment runner (:mod:`kfqn.runner`)."""
+"""Built-in data sets and models of the experiment runner (kinds added by
+:mod:`kfqn.runner.registry`)."""
 from __future__ import annotations
 
 from kfqn.core.hookspecs import hookimpl

@@ -1,0 +1,125 @@
+"""The contract of a layer preconditioner: one object per layer and method family that owns
+every factor of that layer (docs/algorithms.md §3-4).
+
+The optimizer (:mod:`kfqn.core.optimizer`) owns the momentum Mhat of each layer and moves its
+parameters; everything curvature-related is the preconditioner's. Per step it calls, for every
+layer whose statistics arrived (:class:`kfqn.core.statistics.LayerStatistics`):
+
+1. ``prepare(stats, info)``: absorb this step's statistics; initialise at iteration 0;
+2. ``precondition_t(Mhat^T)``: the direction's transpose, (d_a, d_g) -- e.g. (H_g Mhat H_a)^T;
+3. after the parameters moved: ``after_move(stats, info)``;
+4. with a trial pass (``"trial"`` in :attr:`needs`): ``after_trial(stats, info)`` with
+   ``stats.trial`` filled; then ``end_step(stats, info)``.
+
+``info.ok`` is a device bool: false when the loss or a gradient was non-finite; then every state
+change must be a no-op (selected with ``torch.where``), counters included. No host
+synchronisation inside these calls.
+
+Statistics a preconditioner can ask for (:attr:`needs`): the layer's inputs (always captured),
+``"grad_outputs"`` (dL/dh of the user's backward, kept past the backward), ``"sampled_grads"``
+(gradients of the model output with cotangents the preconditioner draws,
+:meth:`output_cotangents`, backpropagated to every layer before the user's backward) and
+``"trial"`` (a second closure call at the trial point on the same minibatch).
+
+Register a new family with ``@kfqn.register("preconditioner")``; its ``options`` are the keys of
+the config section ``preconditioner: {name: ..., <options>}``.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor
+
+from kfqn.core.components import Component
+from kfqn.curvature.base import LayerContext, StepInfo
+
+#: the statistics a preconditioner may declare in :attr:`LayerPreconditioner.needs`
+STATISTICS = ("grad_outputs", "sampled_grads", "trial")
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state dict."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+class LayerPreconditioner(Component):
+    """Base class. ``options``: the keys of its config section; ``config``: the whole resolved
+    optimizer config (for families, such as ``kronecker``, configured by other sections)."""
+
+    #: sections of the optimizer config this family reads besides ``preconditioner``
+    sections: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
+                 config: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.opts = dict(options)
+        self.config = config
+
+    # -- what it needs ---------------------------------------------------------------------
+    @property
+    def needs(self) -> frozenset[str]:
+        """The statistics (:data:`STATISTICS`) this layer needs each step."""
+        return frozenset()
+
+    @property
+    def needs_warm_start(self) -> bool:
+        """Whether :meth:`warm_accumulate` should see a forward-only pass before training."""
+        return False
+
+    def wants_sampled_grads(self, step: int) -> bool:
+        """With ``"sampled_grads"``: whether step ``step`` needs them."""
+        return False
+
+    def output_cotangents(self, output: Tensor) -> Tensor:
+        """With ``"sampled_grads"``: (R, *output.shape) cotangents of the model output."""
+        raise NotImplementedError
+
+    # -- warm start -------------------------------------------------------------------------
+    def warm_accumulate(self, inp: Tensor) -> None:
+        """Forward-only warm start: absorb one batch of this layer's inputs."""
+
+    def warm_finish(self, lam_a: float) -> None:
+        """End of the warm-start pass."""
+
+    # -- the step ---------------------------------------------------------------------------
+    def prepare(self, stats: Any, info: StepInfo) -> None:
+        """Before the direction: absorb this step's statistics."""
+
+    def precondition_t(self, mt: Tensor) -> Tensor:
+        """The preconditioned direction, transposed: Mhat^T (d_a, d_g) in, (d_a, d_g) out."""
+        raise NotImplementedError
+
+    def after_move(self, stats: Any, info: StepInfo) -> None:
+        """After the parameters moved (before a trial pass)."""
+
+    def after_trial(self, stats: Any, info: StepInfo) -> None:
+        """After the trial pass (``stats.trial`` holds its capture)."""
+
+    def end_step(self, stats: Any, info: StepInfo) -> None:
+        """Last call of the step."""
+
+    # -- reporting and checkpoints ----------------------------------------------------------
+    def stats(self) -> dict[str, Tensor]:
+        """Scalars of the last step, as device tensors (``opt.stats()`` reads them)."""
+        return {}
+
+    def factors(self) -> dict[str, Tensor]:
+        """Dense factors for analysis ({'H_a': ..., 'H_g': ..., 'A': ...})."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state by this layer's factors."""
+        return tensor_bytes(self.state_dict())

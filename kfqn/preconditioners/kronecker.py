@@ -1,0 +1,101 @@
+"""The Kronecker family of K-BFGS, K-BFGS(L), KF-BFGS-CNN and their variants: H_a (x) H_g from
+an A-side and a G-side curvature estimator, each its own registered component
+(docs/algorithms.md §3-4)::
+
+    P = -H_g Mhat H_a
+
+The estimators are named in the config sections ``a_side`` (kind ``a_estimator``: e.g.
+``ema_hessian_action``, ``minibatch_hessian_action``) and ``g_side`` (kind ``g_estimator``:
+``secant_pairs``); inside them the factor update rules, damping rules and inversion strategies
+are again components chosen by name. Order within a step: G side, then A side ``prepare``;
+the direction; A side ``after_step``; the G side's pair from the trial pass; G side
+``after_step``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from kfqn.core.components import register
+from kfqn.curvature.base import LayerContext, StepInfo
+from kfqn.preconditioners.base import LayerPreconditioner
+
+
+@register("preconditioner")
+class KroneckerPreconditioner(LayerPreconditioner):
+    name = "kronecker"
+    description = "H_a (x) H_g from the a_side and g_side estimators (K-BFGS family)"
+    options: dict = {}
+    sections = ("a_side", "g_side")
+
+    def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
+                 config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, options, config)
+        self.a = ctx.builder.estimator("a_estimator", config["a_side"], ctx)
+        self.g = ctx.builder.estimator("g_estimator", config["g_side"], ctx)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        out = set()
+        if getattr(self.g, "needs_grad_output", False):
+            out.add("grad_outputs")
+        if getattr(self.g, "needs_sampled_grads", False):
+            out.add("sampled_grads")
+        if self.g.needs_trial_pass:
+            out.add("trial")
+        return frozenset(out)
+
+    @property
+    def needs_warm_start(self) -> bool:
+        return bool(self.a.needs_warm_start)
+
+    def wants_sampled_grads(self, step: int) -> bool:
+        return self.g.wants_sampled_grads(step)
+
+    def output_cotangents(self, output: Tensor) -> Tensor:
+        return self.g.output_cotangents(output)
+
+    def warm_accumulate(self, inp: Tensor) -> None:
+        self.a.warm_accumulate(inp)
+
+    def warm_finish(self, lam_a: float) -> None:
+        self.a.warm_finish(lam_a)
+
+    def prepare(self, stats: Any, info: StepInfo) -> None:
+        self.g.prepare(stats.current, info)
+        self.a.prepare(stats.current, info)
+
+    def precondition_t(self, mt: Tensor) -> Tensor:
+        return self.a.apply_t(self.g.apply_t(mt))
+
+    def after_move(self, stats: Any, info: StepInfo) -> None:
+        self.a.after_step(stats.current, info)
+
+    def after_trial(self, stats: Any, info: StepInfo) -> None:
+        if stats.trial is not None and stats.trial.complete:
+            self.g.after_trial(stats.current, stats.trial, info)
+
+    def end_step(self, stats: Any, info: StepInfo) -> None:
+        self.g.after_step(stats.current, info)
+
+    def stats(self) -> dict[str, Tensor]:
+        out = {**self.a.stats(), **self.g.stats()}
+        for side, est in (("a", self.a), ("g", self.g)):
+            factor_stats = getattr(getattr(est, "factor", None), "stats", None)
+            if factor_stats is not None:  # resets of a factor that became non-finite
+                out.update({f"{side}_{k}": v for k, v in factor_stats().items()})
+        return out
+
+    def factors(self) -> dict[str, Tensor]:
+        return {**self.a.factors(), **self.g.factors()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a.load_state_dict(state["a"])
+        self.g.load_state_dict(state["g"])
+
+    def state_bytes(self) -> int:
+        return self.a.state_bytes() + self.g.state_bytes()
