@@ -331,6 +331,8 @@ def _components_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=sorted({**KINDS, **RUNNER_KINDS}), default=None, help="only this kind")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also list each data set's and model's options")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import and register this module first (repeatable)")
 
 
 def _run_components(args: argparse.Namespace) -> int:
@@ -338,6 +340,7 @@ def _run_components(args: argparse.Namespace) -> int:
     from kfqn.runner.components import describe_options
     from kfqn.runner.registry import runner_registry
 
+    runner_registry().load_plugins(args.plugin, key="--plugin")
     print(format_components(args.kind, runner_registry()))
     if args.verbose:
         for kind in ("dataset", "model"):

@@ -89,6 +89,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 
     def prepare(self, stats: Any, info: StepInfo) -> None:
         super().prepare(stats, info)   # A and G statistics, the per-side dampings
+        self.a._inverse_due = self.g._inverse_due = False  # K-FAC's inverses are not used here
         self.lam = info.lam_a * info.mu2
         changed = self._refresh_basis(info.step)
         if self.opts["scaling"] != "refit" or self.basis is None:
@@ -119,7 +120,7 @@ class EKFACPreconditioner(KFACPreconditioner):
 
     # -- reporting and checkpoints --------------------------------------------------------------
     def factors(self) -> dict[str, Tensor]:
-        out = {k: v for k, v in super().factors().items() if k in ("A", "G")}
+        out = {k: v.clone() for k, v in (("A", self.a.mat), ("G", self.g.mat)) if v is not None}
         if self.basis is not None:
             out.update({"Q_A": self.basis["q_a"].clone(), "Q_G": self.basis["q_g"].clone(),
                         "S": self._denominator().clone()})

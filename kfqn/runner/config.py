@@ -58,6 +58,8 @@ SCHEMA: dict[str, Any] = {
                       nullable=True),
     "deterministic": Option(False, "torch.use_deterministic_algorithms(True)", bool),
     "task": Option(None, "entry of `tasks` merged into this run", str, nullable=True),
+    "plugins": Option([], "modules to import and register first (their data sets, models, "
+                      "optimizer components, presets), e.g. ['my_lab.datasets']", list),
     "tasks": FREE,
     "presets": FREE,
     "optimizer": FREE,

@@ -61,10 +61,24 @@ def derive_fisher_loss(cfg: DictConfig, model_comp: Any, model_opts: dict) -> No
     OmegaConf.update(cfg, f"optimizer.{section}", {**given, **want}, merge=False)
 
 
+def load_run_plugins(cfg: DictConfig) -> None:
+    """Register the modules of the run config's ``plugins`` key (one line on failure)."""
+    from kfqn.core.errors import RegistryError
+    from kfqn.runner.registry import runner_registry
+
+    mods = list(cfg.get("plugins") or [])
+    if mods:
+        try:
+            runner_registry().load_plugins(mods)
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def preflight(cfg: DictConfig) -> DictConfig:
     """Check ``cfg`` (a composed run config) as far as possible without data; returns it, with
     the K-FAC loss filled in. Raises :class:`ConfigError` in one line."""
     cfgmod.check_name(cfg.name)
+    load_run_plugins(cfg)
     data_comp = get_component("dataset", cfg.data.name, "data.name")
     resolve_options(data_comp, cfgmod.to_dict(cfg.data.options), "data.options")
     model_comp = get_component("model", cfg.model.name, "model.name")
@@ -80,4 +94,4 @@ def preflight(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-__all__ = ["preflight", "derive_fisher_loss", "FISHER_KEYS"]
+__all__ = ["preflight", "derive_fisher_loss", "load_run_plugins", "FISHER_KEYS"]
