@@ -267,11 +267,12 @@ def test_repeated_forward_is_a_clear_error():
 
 def test_unsupported_module_policies():
     def model():
-        return nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4, 2))
+        return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
+                             nn.Flatten(), nn.Linear(4 * 36, 2))
 
-    with pytest.raises(UnsupportedModuleError, match="groups=2"):
+    with pytest.raises(UnsupportedModuleError, match="padding_mode='circular'"):
         kfqn.build_optimizer(model(), "kfbfgs_cnn", unsupported="error")
-    with pytest.warns(UserWarning, match="groups=2"):
+    with pytest.warns(UserWarning, match="padding_mode='circular'"):
         opt = kfqn.build_optimizer(model(), "kfbfgs_cnn", unsupported="warn")
     assert opt.preconditioned_modules == ["2"] and "0" in opt.unsupported
     with warnings.catch_warnings():

@@ -44,6 +44,7 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
                     param_groups: Iterable[dict] | None = None,
                     dotlist: Iterable[str] | None = None,
                     registry: Registry | None = None,
+                    comm: Any = None,
                     **overrides: Any):
     """Build a kfqn optimizer for ``model``.
 
@@ -53,9 +54,14 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
     command-line style ``['g_side.update=lbfgs']``. ``param_groups``: optional torch-style
     groups (each module's weight and bias must share a group); default: every trainable
     parameter of ``model`` in one group.
+
+    Data-parallel training: pass the ``DistributedDataParallel``-wrapped model (statistics are
+    then averaged over its process group, so every rank holds the same factors), or the plain
+    module and ``comm=kfqn.core.communicator.TorchDistributed(group)`` when the gradients are
+    averaged some other way.
     """
     from kfqn.core.optimizer import KFQNOptimizer
 
     reg = registry or default_registry()
     cfg = resolve_config(spec, reg, overrides, dotlist)
-    return KFQNOptimizer(model, cfg, registry=reg, param_groups=param_groups)
+    return KFQNOptimizer(model, cfg, registry=reg, param_groups=param_groups, comm=comm)

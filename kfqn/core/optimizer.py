@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kfqn.core.assembly import ComponentBuilder
+from kfqn.core.communicator import Communicator, ReducingAdapter, TorchDistributed
 from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
 from kfqn.core.finite import all_finite, all_finite_many
@@ -117,7 +118,15 @@ class KFQNOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, config: dict, registry: Registry | None = None,
-                 param_groups: Iterable[dict] | None = None) -> None:
+                 param_groups: Iterable[dict] | None = None, comm: Any = None) -> None:
+        # a DistributedDataParallel model: statistics are averaged over its process group, the
+        # extra pass runs under no_sync(), hooks and names go to the module it wraps
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if self._ddp is not None:
+            model = model.module
+            if comm is None:
+                comm = TorchDistributed(self._ddp.process_group)
+        self.comm = comm if comm is not None else Communicator()
         # a torch.compile'd model: hooks and names go to the module it wraps (names then match the
         # eager model's, so checkpoints move between the two); the capture hooks run eagerly
         self.model = model = getattr(model, "_orig_mod", model)
@@ -266,7 +275,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     def _add_layer(self, name: str, module: nn.Module, adapter: LayerAdapter, group: int) -> None:
         dev = module.weight.device
-        ctx = LayerContext(name, adapter, self.factor_dtype, dev, self.builder)
+        seen = adapter if self.comm.world_size == 1 else ReducingAdapter(adapter, self.comm)
+        ctx = LayerContext(name, seen, self.factor_dtype, dev, self.builder, self.comm)
         precond = self.builder.preconditioner(self.config, ctx)
         hooks = CaptureHooks(module, adapter, keep_grad_output="grad_outputs" in precond.needs,
                              keep_output="sampled_grads" in precond.needs)
@@ -397,7 +407,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             layer.hooks.phase = "trial"
             layer.hooks.force_grad = outputs_only
         try:
-            with torch.enable_grad():
+            sync_off = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+            with torch.enable_grad(), sync_off:
                 closure()
         except (TypeError, AttributeError, RuntimeError) as err:
             if not outputs_only:
@@ -513,6 +524,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             self._warned_no_warm = True
         with torch.no_grad():
             ok = self._finite_flag(loss)
+            if self.comm.world_size > 1:
+                ok = self._reduce_captures(active, "current", ok)
             self.nonfinite_steps = self.nonfinite_steps + (~ok).long()
             infos: dict[str, StepInfo] = {}
             for layer in active:
@@ -539,6 +552,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             times["extra_pass"] = t6 - t5
             t5 = t6
             with torch.no_grad():
+                if self.comm.world_size > 1:
+                    self._reduce_captures(active, "trial")
                 for layer in active:
                     stats = statistics[layer.name]
                     stats.trial = layer.hooks.slots["trial"]
@@ -554,6 +569,24 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self.last_phase_times = times
         self._step_count += 1
         return loss
+
+    def _reduce_captures(self, active: list[Layer], phase: str,
+                         ok: Tensor | None = None) -> Tensor | None:
+        """Data-parallel: the means the capture hooks recorded (h and g of every layer) and the
+        finite flag, averaged over the ranks with one all-reduce; returns the global flag."""
+        caps = [l.hooks.slots[phase] for l in active]
+        tensors, where = [], []
+        for i, cap in enumerate(caps):
+            for key in ("h_mean", "g_mean"):
+                if getattr(cap, key) is not None:
+                    tensors.append(getattr(cap, key))
+                    where.append((i, key))
+        if ok is not None:
+            tensors.append((~ok).to(torch.float32).reshape(1))
+        reduced = self.comm.mean_many(tensors)
+        for (i, key), t in zip(where, reduced):
+            setattr(caps[i], key, t)
+        return None if ok is None else reduced[-1][0] == 0
 
     def _precondition_and_move(self, active: list[Layer], ok: Tensor) -> None:
         form = self.config["momentum_form"]

@@ -34,9 +34,9 @@ class LayerContext:
     dtype: torch.dtype
     device: torch.device
     builder: Any  # kfqn.core.assembly.ComponentBuilder
-    #: scratch space shared by the layer's A and G estimators (e.g. both factors' traces for
-    #: K-FAC's pi-split damping); not part of any checkpoint
-    shared: dict = field(default_factory=dict)
+    #: how batch statistics are averaged over data-parallel ranks (kfqn.core.communicator);
+    #: ``adapter`` is then a ReducingAdapter that averages the adapter's batch means
+    comm: Any = None
 
     def factor(self, section: Mapping[str, Any], dim: int):
         return self.builder.factor(section, dim, self.dtype, self.device)

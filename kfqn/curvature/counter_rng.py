@@ -43,10 +43,15 @@ class CounterRNG:
     """Uniform, Bernoulli, categorical and normal draws from (seed, counter): the k-th call
     made on one instance gives the same numbers whenever seed and counter are the same."""
 
-    def __init__(self, seed: int, counter: Tensor) -> None:
+    def __init__(self, seed: int, counter: Tensor,
+                 shard: tuple[int, int, int, int] | None = None) -> None:
         self.seed = _signed(int(seed))
         self.counter = counter
         self.calls = 0
+        #: (rank, world, samples, m): this process holds samples m of each of ``samples``
+        #: blocks of a global batch world * m, at position rank; its draws are the ones a single
+        #: process would make for those rows (data-parallel runs equal one-process runs)
+        self.shard = shard
 
     @property
     def device(self) -> torch.device:
@@ -58,10 +63,22 @@ class CounterRNG:
         self.calls += 1
         key = mix64(self.counter.to(torch.int64) * _signed(_GOLDEN)
                     + _signed(self.seed * 0x100000001B3 + self.calls))
-        idx = torch.arange(n, dtype=torch.int64, device=self.device)
+        idx = self._indices(n)
         bits = mix64(mix64(key + idx * _signed(_GOLDEN)))
         u = _lsr(bits, 11).to(torch.float64) * 2.0 ** -53
         return u.reshape(shape).to(dtype)
+
+    def _indices(self, n: int) -> Tensor:
+        """Positions of this call's n draws in the stream (see ``shard``)."""
+        dev = self.device
+        if self.shard is None:
+            return torch.arange(n, dtype=torch.int64, device=dev)
+        rank, world, samples, m = self.shard
+        rest = n // (samples * m)
+        s = torch.arange(samples, dtype=torch.int64, device=dev).view(-1, 1, 1)
+        i = torch.arange(m, dtype=torch.int64, device=dev).view(1, -1, 1)
+        j = torch.arange(rest, dtype=torch.int64, device=dev).view(1, 1, -1)
+        return ((s * world * m + rank * m + i) * rest + j).reshape(-1)
 
     def bernoulli(self, p: Tensor) -> Tensor:
         return (self.uniform(p.shape, p.dtype) < p).to(p.dtype)

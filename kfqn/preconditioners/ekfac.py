@@ -71,7 +71,8 @@ class EKFACPreconditioner(KFACPreconditioner):
             g = g.to(dt) @ self.basis["q_g"]                                     # (m, T, d_g)
             j = torch.einsum("mtg,mta->mga", g, a)
             total = total + (j * j).sum(0)
-        return total / cap.batch
+        total = total / cap.batch
+        return total if self.ctx.comm is None else self.ctx.comm.mean(total)
 
     def _refresh_basis(self, step: int) -> bool:
         """Eigenbases of A and G (and the dampings of that moment) at K-FAC's inverse cadence:

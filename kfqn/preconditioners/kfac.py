@@ -135,14 +135,18 @@ class _OutputFactor(KFACFactorMixin, GEstimator):
         """Whether the optimizer should run the auxiliary backward in step ``step``."""
         return self.needs_sampled_grads and self.stats_due(step)
 
-    def _rng(self) -> CounterRNG:
-        return CounterRNG(self.seed, self.draws)
+    def _rng(self, batch: int) -> CounterRNG:
+        comm, samples = self.ctx.comm, self.opts["samples"]
+        shard = None if comm is None or comm.world_size == 1 else (
+            comm.rank, comm.world_size, samples, batch)
+        return CounterRNG(self.seed, self.draws, shard)
 
     def output_cotangents(self, output: Tensor) -> Tensor:
         """(R, *output.shape) vectors to backpropagate from the model output (see module doc)."""
         if self.opts["fisher"] == "exact":
             return self.loss.hessian_sqrt(output)
-        return self.loss.sampled_cotangent(output, self._rng(), self.opts["samples"])
+        return self.loss.sampled_cotangent(output, self._rng(output.shape[0]),
+                                           self.opts["samples"])
 
     # -- statistics -----------------------------------------------------------------------------
     def _batch_statistic(self, cap: Capture) -> Tensor:
@@ -163,7 +167,11 @@ class _OutputFactor(KFACFactorMixin, GEstimator):
             g = torch.cat([adapter.per_sample_grad_outputs(x).reshape(-1, adapter.d_g)
                            for x in cap.sampled_grad_out]) / m
         g = g.to(self.ctx.dtype)
-        return g.T @ g / (m * t)
+        return self._mean_over_ranks(g.T @ g / (m * t))
+
+    def _mean_over_ranks(self, t: Tensor) -> Tensor:
+        comm = self.ctx.comm
+        return t if comm is None else comm.mean(t)
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.stats_due(info.step):

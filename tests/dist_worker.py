@@ -1,0 +1,95 @@
+"""Worker of tests/test_distributed.py: one rank of a gloo process group (CPU)."""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STEPS = 5
+RESUME_AT = 3
+BATCH = 24
+
+
+def model() -> nn.Module:
+    """Conv2d + Linear without BatchNorm (BatchNorm's batch statistics are per rank)."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3 * 3, 6), nn.Tanh(),
+                         nn.Linear(6, 3)).double()
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(STEPS * BATCH, 2, 7, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (STEPS * BATCH,), generator=g)
+    return x, y
+
+
+def spec(preset: str) -> dict:
+    return {"preset": preset, "factor_dtype": "float64", "lr": 0.05}
+
+
+def train(net, opt, x, y, steps, start=0, rank=0, world=1):
+    """``steps`` steps on batches start.., each rank on its slice of the global batch."""
+    local = BATCH // world
+    for k in range(start, start + steps):
+        xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+        yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(xb), yb)
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+def warm(opt, net, x, rank=0, world=1):
+    if opt.needs_warm_start:
+        local = BATCH // world
+        with opt.warm_start():
+            for k in range(2):
+                net(x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local])
+
+
+def flat(net) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def run(rank: int, world: int, folder: str, presets: list[str]) -> None:
+    import kfqn
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        x, y = data()
+        out = {}
+        for preset in presets:
+            net = model()
+            ddp = nn.parallel.DistributedDataParallel(net)
+            opt = kfqn.build_optimizer(ddp, spec(preset))
+            warm(opt, ddp, x, rank, world)
+            train(ddp, opt, x, y, RESUME_AT, 0, rank, world)
+            state = copy.deepcopy(opt.state_dict())  # as torch.save would keep it
+            weights = {k: v.clone() for k, v in net.state_dict().items()}
+            train(ddp, opt, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
+            # resume under N ranks: a fresh model and optimizer from the checkpoint
+            net2 = model()
+            net2.load_state_dict(weights)
+            ddp2 = nn.parallel.DistributedDataParallel(net2)
+            opt2 = kfqn.build_optimizer(ddp2, spec(preset))
+            opt2.load_state_dict(state)
+            train(ddp2, opt2, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
+            out[preset] = {"final": flat(net), "resumed": flat(net2), "state": state,
+                           "weights": weights, "calls": opt.comm.calls,
+                           "bytes": opt.comm.bytes}
+        torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
