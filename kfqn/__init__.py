@@ -17,11 +17,13 @@ from kfqn.core.registry import (
     unregister_plugin,
 )
 from kfqn.core.sections import Sub
+from kfqn.curvature.output_losses import OutputLoss
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "build_optimizer", "KFQNOptimizer", "register", "register_plugin", "unregister_plugin", "components",
-    "format_components", "default_registry", "hookimpl", "hookspec", "Component", "Option",
-    "Preset", "Sub", "ConfigError", "KfqnError", "RegistryError", "UnsupportedModuleError",
+    "build_optimizer", "KFQNOptimizer", "register", "register_plugin", "unregister_plugin",
+    "components", "format_components", "default_registry", "hookimpl", "hookspec", "Component", "Option",
+    "Preset", "Sub", "OutputLoss", "ConfigError", "KfqnError", "RegistryError",
+    "UnsupportedModuleError",
 ]

@@ -45,6 +45,7 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
                     dotlist: Iterable[str] | None = None,
                     registry: Registry | None = None,
                     comm: Any = None,
+                    loss: Any = None,
                     **overrides: Any):
     """Build a kfqn optimizer for ``model``.
 
@@ -55,6 +56,11 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
     groups (each module's weight and bias must share a group); default: every trainable
     parameter of ``model`` in one group.
 
+    ``loss``: the training loss, given once (:class:`kfqn.OutputLoss`, a name such as
+    ``"cross_entropy"``, or ``{"kind": "mse", "mse_scale": 0.5}``): a Fisher that needs a loss
+    (K-FAC's sampled or exact Fisher) takes it, and ``opt.closure(x, y)`` computes it; a config
+    that names another loss is a :class:`~kfqn.ConfigError`.
+
     Data-parallel training: pass the ``DistributedDataParallel``-wrapped model (statistics are
     then averaged over its process group, so every rank holds the same factors), or the plain
     module and ``comm=kfqn.core.communicator.TorchDistributed(group)`` when the gradients are
@@ -64,4 +70,40 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
 
     reg = registry or default_registry()
     cfg = resolve_config(spec, reg, overrides, dotlist)
-    return KFQNOptimizer(model, cfg, registry=reg, param_groups=param_groups, comm=comm)
+    out_loss = None
+    if loss is not None:
+        from kfqn.curvature.output_losses import OutputLoss
+
+        out_loss = OutputLoss.of(loss)
+        cfg = _with_loss(cfg, out_loss, spec, overrides, dotlist, reg)
+    return KFQNOptimizer(model, cfg, registry=reg, param_groups=param_groups, comm=comm,
+                         loss=out_loss)
+
+
+def _with_loss(cfg: dict, loss: Any, spec: Any, overrides: Mapping[str, Any] | None,
+               dotlist: Iterable[str] | None, reg: Registry) -> dict:
+    """``cfg`` with the loss options of the section whose Fisher needs a loss set from
+    ``loss``; an option the caller set explicitly to another value is an error."""
+    from kfqn.core.config import dotlist_to_mapping, to_plain, validate
+    from kfqn.core.errors import ConfigError
+
+    section = next((k for k in ("preconditioner", "g_side")
+                    if isinstance(cfg.get(k), dict) and "loss" in cfg[k]), None)
+    if section is None:
+        return cfg
+    given: dict = {}
+    for source in (spec if isinstance(spec, Mapping) else {}, overrides or {},
+                   dotlist_to_mapping(list(dotlist)) if dotlist else {}):
+        sec = to_plain(source).get(section) if isinstance(source, Mapping) else None
+        if isinstance(sec, Mapping):
+            given.update(sec)
+    want = loss.options()
+    for key, value in want.items():
+        if key in given and given[key] != value:
+            raise ConfigError(f"{section}.{key} = {given[key]!r} but the loss given to "
+                              f"build_optimizer has {key} = {value!r}; give the loss once")
+    if cfg[section].get("fisher") == "empirical":
+        return cfg
+    out = dict(cfg)
+    out[section] = {**cfg[section], **want}
+    return validate(out, reg)

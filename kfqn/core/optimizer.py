@@ -118,7 +118,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, model: nn.Module, config: dict, registry: Registry | None = None,
-                 param_groups: Iterable[dict] | None = None, comm: Any = None) -> None:
+                 param_groups: Iterable[dict] | None = None, comm: Any = None,
+                 loss: Any = None) -> None:
+        #: the training loss given to build_optimizer (an OutputLoss), or None
+        self.loss = loss
+        #: the model as the caller runs it (DDP / compiled wrapper included)
+        self._called = model
         # a DistributedDataParallel model: statistics are averaged over its process group, the
         # extra pass runs under no_sync(), hooks and names go to the module it wraps
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -285,6 +290,22 @@ class KFQNOptimizer(torch.optim.Optimizer):
         count = torch.zeros((), dtype=torch.long, device=dev)
         self.layers[name] = Layer(name, module, adapter, hooks, precond, group, zeros, flag,
                                   count)
+
+    def closure(self, x: Any, y: Any) -> Callable[[], Tensor]:
+        """The closure for ``step``: zero the gradients, loss = ``self.loss(model(x), y)``,
+        backward, return the loss -- with the loss given to build_optimizer, the one the
+        Fisher belongs to."""
+        if self.loss is None:
+            raise KfqnError("opt.closure needs the training loss: build the optimizer with "
+                            "build_optimizer(model, spec, loss=...)")
+        model, loss_fn = self._called, self.loss
+
+        def closure() -> Tensor:
+            self.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        return closure
 
     def add_param_group(self, param_group: dict) -> None:  # noqa: D102
         if hasattr(self, "layers"):

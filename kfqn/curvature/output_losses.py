@@ -133,7 +133,34 @@ class OutputLoss:
         cols = d.T[:, :, None] * eye[:, None, :]                           # (K, m, K)
         return (cols * k_scale).reshape(k, *z.shape)
 
-    # -- the loss itself (tests, examples) --------------------------------------------------------
+    # -- the loss itself ---------------------------------------------------------------------------
+    def __call__(self, z: Tensor, y: Tensor) -> Tensor:
+        """The training loss (:meth:`value`): ``opt.closure`` and the runner compute the loss
+        the optimizer's Fisher belongs to with the same object."""
+        return self.value(z, y)
+
+    @classmethod
+    def of(cls, spec: "OutputLoss | str | dict") -> "OutputLoss":
+        """An :class:`OutputLoss` from itself, a kind name or a mapping of its fields."""
+        if isinstance(spec, OutputLoss):
+            return spec
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        if not isinstance(spec, dict):
+            raise KfqnError(f"loss must be an OutputLoss, a loss name ({', '.join(LOSSES)}) or a "
+                            f"mapping with 'kind'; got {spec!r}")
+        unknown = sorted(set(spec) - {"kind", "reduction", "mse_scale"})
+        if unknown or spec.get("kind") not in LOSSES or \
+                spec.get("reduction", "batch") not in REDUCTIONS:
+            raise KfqnError(f"loss = {spec!r}: kind must be one of {', '.join(LOSSES)}, reduction "
+                            f"one of {', '.join(REDUCTIONS)} (keys: kind, reduction, mse_scale)")
+        return cls(**spec)
+
+    def options(self) -> dict:
+        """The config options of a Fisher that belongs to this loss (``loss``,
+        ``loss_reduction``, ``mse_scale``)."""
+        return {"loss": self.kind, "loss_reduction": self.reduction, "mse_scale": self.mse_scale}
+
     def value(self, z: Tensor, y: Tensor) -> Tensor:
         """The batch loss this configuration describes, for targets ``y``."""
         k = self._per_sample_elements(z)
