@@ -14,7 +14,7 @@ values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -169,28 +169,62 @@ def dotlist_to_mapping(items: Iterable[str]) -> dict:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def validate_section(raw: Mapping[str, Any], schema: Mapping[str, Option | Sub], where: str,
-                     registry: Registry, owner: str = "") -> dict:
-    """Check ``raw`` against ``schema``; return it with defaults filled in."""
+#: a schema entry for a mapping its owner checks later (the runner's ``optimizer``, ``tasks``)
+FREE = "free"
+
+#: ``unknown(where, key, schema, label) -> message`` for a key the schema does not have
+UnknownMessage = Callable[[str, str, Mapping[str, Any], str], str]
+
+
+def _unknown_key(where: str, key: str, schema: Mapping[str, Any], label: str) -> str:
+    allowed = ", ".join(schema) or "(none)"
+    return (f"unknown key {_join(where, key)!r}; allowed keys in {label}: {allowed}."
+            + close_matches(key, schema))
+
+
+def validate_section(raw: Mapping[str, Any], schema: Mapping[str, Any], where: str,
+                     registry: Registry | None, owner: str = "", *,
+                     unknown: UnknownMessage | None = None, fill: bool = True) -> dict:
+    """The one validator of kfqn's configs: check ``raw`` against ``schema`` and return it with
+    defaults filled in (``fill``) and values normalised.
+
+    Schema entries: :class:`Option` (a value: type, range, choices, finite), :class:`Sub` (a
+    registered component by name, with that component's own options), a nested mapping (a
+    section, checked recursively), or :data:`FREE` (a mapping its owner checks). The optimizer
+    config, component options, the runner's run configs and its data set / model options all
+    go through here; ``unknown`` words the message for an unknown key (default: "unknown key
+    'a.b'; allowed keys in a: ... Did you mean ...?")."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where or 'config'} must be a mapping, not {raw!r}")
     out: dict[str, Any] = {}
     label = f"{where} ({owner})" if owner else (where or "the top level")
     for key in raw:
         if key not in schema:
-            allowed = ", ".join(schema) or "(none)"
-            raise ConfigError(
-                f"unknown key {_join(where, key)!r}; allowed keys in {label}: {allowed}."
-                + close_matches(key, schema))
+            raise ConfigError((unknown or _unknown_key)(where, str(key), schema, label))
     for key, spec in schema.items():
         path = _join(where, key)
+        if not fill and key not in raw:
+            continue
         if isinstance(spec, Sub):
             value = raw.get(key, spec.default)
             if isinstance(value, Mapping) and "name" not in value:
                 value = {"name": spec.default, **value}  # options of the default component
             out[key] = validate_component(value, spec.kind, path, registry)
+        elif isinstance(spec, str) and spec == FREE:
+            value = raw.get(key)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{path} must be a mapping, got {value!r}")
+            out[key] = value
+        elif isinstance(spec, Mapping):
+            value = raw.get(key, {})
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{path} must be a mapping with keys {', '.join(spec)}")
+            out[key] = validate_section(value, spec, path, registry, unknown=unknown, fill=fill)
         else:
-            out[key] = spec.validate(path, raw.get(key, spec.default))
+            value = raw.get(key, spec.default)
+            if isinstance(value, Mapping) and not getattr(spec, "per_task", False):
+                raise ConfigError(f"{path} must be a single value; allowed: {spec.allowed()}")
+            out[key] = spec.validate(path, value)
     return out
 
 

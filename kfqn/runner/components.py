@@ -35,25 +35,21 @@ def get_component(kind: str, name: str, key: str) -> Any:
 
 
 def resolve_options(component: Component, given: Mapping[str, Any] | None, key: str) -> dict:
-    """``given`` checked against ``component.options`` and completed with the defaults.
+    """``given`` checked against ``component.options`` and completed with the defaults (the
+    library's validator, :func:`kfqn.core.config.validate_section`).
 
     Raises :class:`ConfigError` naming the key, the allowed values and close matches.
     """
+    from kfqn.core.config import validate_section
+
     table = getattr(component, "options", {}) or {}
-    given = dict(given or {})
-    unknown = [k for k in given if k not in table]
-    if unknown:
-        k = unknown[0]
-        allowed = ", ".join(sorted(table)) or "(none)"
-        raise ConfigError(
-            f"{key}.{k} is not an option of {component.name!r}; its options: {allowed}."
-            + close_matches(k, table)
-        )
-    out = {}
-    for name, opt in table.items():
-        value = given.get(name, opt.default)
-        out[name] = opt.validate(f"{key}.{name}", value)
-    return out
+
+    def unknown(where: str, k: str, schema: Mapping[str, Any], label: str) -> str:
+        allowed = ", ".join(sorted(schema)) or "(none)"
+        return (f"{where}.{k} is not an option of {component.name!r}; its options: {allowed}."
+                + close_matches(k, schema))
+    return validate_section(dict(given or {}), table, key, None, component.name,
+                            unknown=unknown)
 
 
 def describe_options(component: Component) -> str:

@@ -27,11 +27,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kfqn.core.components import Option
+from kfqn.core.config import FREE  # free-form mapping, validated by its owner (component, optimizer)
 from kfqn.core.errors import ConfigError
 from kfqn.core.registry import close_matches
-
-#: free-form mapping (validated elsewhere: by the component, or by kfqn.build_optimizer)
-FREE = "free"
 
 _num = (int, float)
 #: seeds go to torch, NumPy and Python alike; NumPy takes 32 bits
@@ -321,28 +319,19 @@ def resolve(cfg: DictConfig) -> DictConfig:
 
 
 def validate(cfg: DictConfig, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> DictConfig:
-    """Check every key of ``cfg`` against ``schema``; raises :class:`ConfigError`."""
-    for key in cfg:
-        full = f"{prefix}{key}"
-        if key not in schema:
-            known = ", ".join(schema)
-            where = f"of {prefix[:-1]}" if prefix else "at the top level"
-            raise ConfigError(f"unknown config key {full!r}; known keys {where}: {known}."
-                              + close_matches(str(key), schema))
-        spec, value = schema[key], cfg[key]
-        if spec == FREE:
-            if value is not None and not isinstance(value, DictConfig):
-                raise ConfigError(f"{full} must be a mapping, got {value!r}")
-        elif isinstance(spec, Option):
-            if isinstance(value, ListConfig):
-                value = list(value)
-            if isinstance(value, DictConfig) and not getattr(spec, "per_task", False):
-                raise ConfigError(f"{full} must be a single value; allowed: {spec.allowed()}")
-            cfg[key] = spec.validate(full, value)
-        else:
-            if not isinstance(value, DictConfig):
-                raise ConfigError(f"{full} must be a mapping with keys {', '.join(spec)}")
-            validate(value, spec, f"{full}.")
+    """Check every key of ``cfg`` against ``schema`` with the library's validator
+    (:func:`kfqn.core.config.validate_section`); raises :class:`ConfigError`."""
+    from kfqn.core.config import validate_section
+
+    def unknown(where: str, key: str, schema: Mapping[str, Any], label: str) -> str:
+        place = f"of {where}" if where else "at the top level"
+        full = f"{where}.{key}" if where else key
+        return (f"unknown config key {full!r}; known keys {place}: {', '.join(schema)}."
+                + close_matches(key, schema))
+    checked = validate_section(to_dict(cfg), schema, prefix.rstrip("."), None,
+                               unknown=unknown, fill=False)
+    for key, value in checked.items():
+        cfg[key] = value
     if not prefix:
         _check_run(cfg)
     return cfg
