@@ -236,3 +236,137 @@ def test_device_restricted_targets_are_left_out_elsewhere():
     records[0]["device"] = "cuda"
     records[0]["host_syncs"] = 1
     assert [r["status"] for r in bench.evaluate_targets(records, targets)] == ["MISS"]
+
+
+# -- op counts (kfqn bench --ops) ------------------------------------------------------------------
+def test_op_counter_counts_a_known_function_exactly():
+    from kfqn.bench.ops import count_call
+
+    a, b, c = torch.randn(3, 4), torch.randn(4, 5), torch.randn(3, 5)
+    counter = count_call(lambda: a @ b + c)          # matmul of matrices decomposes to mm
+    assert counter.total == 2
+    assert counter.names == {"aten.mm": 1, "aten.add": 1}
+    counter = count_call(lambda: torch.relu(a).sum() * 2)
+    assert counter.total == 3 and counter.closure == 0
+
+
+def _tiny_linear() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2), torch.randn(4, 3)
+
+
+def test_closure_ops_are_subtracted_exactly():
+    """A hand-counted torch.optim.SGD step: one aten.add_ per parameter tensor, plus the
+    record_function enter/exit that torch.optim.Optimizer.step dispatches."""
+    from kfqn.bench.ops import count_call, count_step
+
+    model, x = _tiny_linear()
+    opt = bench.FirstOrder(torch.optim.SGD(model.parameters(), lr=0.1, foreach=False))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().sum()
+        loss.backward()
+        return loss
+
+    alone = count_call(closure).total
+    ops = count_step(opt, closure)
+    assert ops.closure_calls == 1
+    assert ops.closure == alone > 0
+    assert ops.optimizer == ops.total - ops.closure == 2 + 2
+    assert ops.names == {"aten.add_": 2, "profiler._record_function_enter_new": 1,
+                         "profiler._record_function_exit": 1}
+
+
+@pytest.mark.parametrize("preset", ["sgd_m", "kfbfgs_l_cnn+next", "kbfgs"])
+def test_capture_hooks_and_the_trial_pass_are_optimizer_ops(preset):
+    """The closure's own ops inside a step are those of the closure alone (kfqn's capture hooks
+    count as the optimizer's); a trial-pass preset calls it twice, the second time with the
+    parameters frozen, hence fewer than twice the ops."""
+    from kfqn.bench.ops import count_closure_alone, count_step, needs_trial
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6))
+    x = torch.rand(8, 6)
+    name, _, rest = preset.partition("+")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kfqn.build_optimizer(model, name, dotlist=["g_side.source=next_iterate"] * bool(rest))
+
+    def closure():
+        opt.zero_grad()
+        loss = (model(x) - x).square().mean()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            opt.step(closure)
+        ops = count_step(opt, closure, sites=True)
+    alone = count_closure_alone(opt, closure)
+    calls = 2 if needs_trial(opt) else 1
+    assert needs_trial(opt) == (preset == "kbfgs")
+    assert ops.closure_calls == calls
+    if calls == 1:
+        assert ops.closure == alone
+    else:
+        assert alone < ops.closure < 2 * alone
+    if opt.layers:
+        hooks = sum(n for site, n in ops.entries.items() if site.startswith("layers/capture.py"))
+        assert hooks > 0
+    assert sum(ops.names.values()) == ops.optimizer == sum(ops.sites.values())
+
+
+def _ops_targets(tmp_path: Path, limit: float) -> Path:
+    path = tmp_path / f"ops_targets_{limit:g}.yaml"
+    path.write_text(yaml.safe_dump({"targets": [
+        {"id": "t_ops", "description": "tiny op budget", "method": "kbfgs", "model": "ae",
+         "metric": "ops_per_layer", "max": limit}]}))
+    return path
+
+
+def test_ops_columns_in_the_table_and_json(tmp_path, capsys):
+    suite, _ = _write(tmp_path)
+    out = tmp_path / "ops.json"
+    status = bench.main(["--suite", str(suite), "--targets", str(_ops_targets(tmp_path, 1e6)),
+                         "--quick", "--presets", "kbfgs,adam_torch,sgd_m", "--no-memory",
+                         "--repeats", "1", "--ops", "--ops-steps", "2", "--ops-verbose", "5",
+                         "--json", str(out)])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "| opt ops / layer |" in printed and "| opt ops / param tensor |" in printed
+    assert "PASS (per layer <= 1e+06)" in printed
+    assert "operators: aten." in printed and "kfqn functions:" in printed
+    records = {r["preset"]: r for r in json.loads(out.read_text())["records"]}
+    kb = records["kbfgs"]
+    assert kb["ops_error"] is None and kb["ops_counted_steps"] == 2 and kb["ops_warm_steps"] >= 3
+    assert kb["ops_closure_calls"] == 2
+    assert kb["ops_layers"] == kb["ops_param_tensors"] // 2 == 6  # Linear: weight and bias
+    assert kb["ops_step"] == kb["ops_closure"] + kb["ops_optimizer"]
+    assert kb["ops_per_layer"] == pytest.approx(kb["ops_optimizer"] / 6)
+    assert kb["ops_per_layer_max"] >= kb["ops_per_layer"] > 0
+    assert kb["ops_top_names"] and kb["ops_top_sites"]
+    for label in ("adam_torch", "sgd_m"):
+        assert records[label]["ops_closure_calls"] == 1
+        assert records[label]["ops_closure"] == records[label]["ops_closure_alone"]
+        assert records[label]["ops_per_layer"] is None
+        assert records[label]["ops_per_param_tensor"] > 0
+    assert records["adam_torch"]["ops_per_param_tensor_x_torch_adam"] == pytest.approx(1.0)
+
+
+def test_check_fails_when_the_op_budget_is_exceeded(tmp_path, capsys):
+    suite, _ = _write(tmp_path)
+    common = ["--suite", str(suite), "--quick", "--presets", "kbfgs", "--no-memory",
+              "--repeats", "1", "--ops-steps", "1"]
+    tight = str(_ops_targets(tmp_path, 1))
+    assert bench.main([*common, "--targets", tight, "--ops"]) == 0   # reported, not enforced
+    printed = capsys.readouterr().out
+    assert "FAIL (per layer <= 1)" in printed and "| tiny op budget | cpu |" in printed
+    assert bench.main([*common, "--targets", tight, "--check"]) == 3
+    assert "MISS" in capsys.readouterr().out
+    loose = str(_ops_targets(tmp_path, 1e6))
+    assert bench.main([*common, "--targets", loose, "--check"]) == 0
+    # without --ops the op targets are skipped and say why
+    assert bench.main([*common, "--targets", tight]) == 0
+    assert "SKIP (ops not counted: run with --ops)" in capsys.readouterr().out

@@ -26,25 +26,40 @@ a shared machine's speed; ``ratio_of_medians_to_adam`` is the plain ratio of the
 On CUDA, one more step per method runs under ``torch.cuda.set_sync_debug_mode("error")``:
 ``host_syncs`` is 1 if it read back from the device (``host_sync_at`` says where), else 0.
 
+With ``--ops`` (:mod:`~kfqn.bench.ops`), after the timing every method takes uncounted steps
+until it has taken ``--ops-warm`` (3), then ``--ops-steps`` (20) steps under a
+``TorchDispatchMode`` that counts every dispatched op: step ops, the closure's own forward and
+backward ops (1 or, with an extra pass, 2 closure calls per step), optimizer ops = the
+difference, per preconditioned layer (``ops_per_layer``, of the median step, and
+``ops_per_layer_max``) and per parameter tensor beside ``torch.optim.Adam``'s. ``--ops-verbose``
+adds the most frequent operators and the kfqn functions that issued them; targets on ``ops_*``
+metrics are op budgets, printed PASS/FAIL per row, and ``--check`` exits with status 3 when one
+is exceeded.
+
 On CUDA the phase times are host times (the optimizer does not synchronise inside ``step``); the
 step time itself is measured between ``torch.cuda.synchronize()`` calls. The targets in
 ``benchmarks/targets.yaml`` are checked on the ratios of the same run and printed PASS/MISS.
 
 Modules: :mod:`~kfqn.bench.suite` (definitions), :mod:`~kfqn.bench.cases` (one method on one
-model), :mod:`~kfqn.bench.measure` (timing and memory), :mod:`~kfqn.bench.report` (records,
-targets, tables), :mod:`~kfqn.bench.cli`. Run ``python -m kfqn.bench --help`` (or
-``kfqn bench --help``); ``benchmarks/profile_presets.py`` shows where a preset's time goes.
+model), :mod:`~kfqn.bench.measure` (timing and memory), :mod:`~kfqn.bench.ops` (op counts),
+:mod:`~kfqn.bench.report` (records, targets, tables), :mod:`~kfqn.bench.cli`. Run
+``python -m kfqn.bench --help`` (or ``kfqn bench --help``); ``benchmarks/profile_presets.py``
+shows where a preset's time goes.
 """
 from kfqn.bench.cases import Case, FirstOrder, make_batches
 from kfqn.bench.cli import HELP, SCHEMA, add_arguments, main, run
-from kfqn.bench.measure import AllocationMeter, Result, bench_model
-from kfqn.bench.report import evaluate_targets, markdown_table, summarise, targets_table
+from kfqn.bench.measure import AllocationMeter, Result, bench_model, measure_ops
+from kfqn.bench.ops import OpCounter, OpsResult, StepOps, count_call, count_step
+from kfqn.bench.report import (evaluate_targets, markdown_table, ops_details, ops_table,
+                               summarise, targets_table)
 from kfqn.bench.suite import (REFERENCE, TORCH_REFERENCE, MethodSpec, ModelSpec, benchmarks_dir,
                               load_suite, load_targets, resolve_methods, resolve_models)
 
 __all__ = [
     "HELP", "SCHEMA", "add_arguments", "run", "main", "Case", "FirstOrder", "make_batches",
-    "AllocationMeter", "Result", "bench_model", "summarise", "evaluate_targets",
-    "markdown_table", "targets_table", "MethodSpec", "ModelSpec", "benchmarks_dir", "load_suite",
-    "load_targets", "resolve_methods", "resolve_models", "REFERENCE", "TORCH_REFERENCE",
+    "AllocationMeter", "Result", "bench_model", "measure_ops", "summarise", "evaluate_targets",
+    "markdown_table", "targets_table", "ops_table", "ops_details", "OpCounter", "OpsResult",
+    "StepOps", "count_call", "count_step", "MethodSpec", "ModelSpec", "benchmarks_dir",
+    "load_suite", "load_targets", "resolve_methods", "resolve_models", "REFERENCE",
+    "TORCH_REFERENCE",
 ]

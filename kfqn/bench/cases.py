@@ -93,6 +93,7 @@ class Case:
         self.impl = ""
         self.warm_start_s = 0.0
         self.suite = suite
+        self.steps_taken = 0
 
     def build_optimizer(self, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
         """Build the optimizer; kfqn presets that want it get their forward-only warm start."""
@@ -133,7 +134,20 @@ class Case:
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One optimizer step on (x, y); the phase times it reported (seconds)."""
         self.opt.step(self.closure(x, y))
+        self.steps_taken += 1
         return dict(getattr(self.opt, "last_phase_times", {}) or {})
+
+    def count_step(self, x: Tensor, y: Tensor, sites: bool = False) -> Any:
+        """One optimizer step on (x, y) under an op counter (:func:`kfqn.bench.ops.count_step`)."""
+        from kfqn.bench.ops import count_step
+
+        ops = count_step(self.opt, self.closure(x, y), sites)
+        self.steps_taken += 1
+        return ops
+
+    def param_tensors(self) -> int:
+        """Number of trainable parameter tensors."""
+        return sum(1 for p in self.model.parameters() if p.requires_grad)
 
     def state_bytes(self) -> int:
         if hasattr(self.opt, "state_bytes"):

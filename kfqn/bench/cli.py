@@ -13,11 +13,13 @@ from typing import Sequence
 import torch
 
 from kfqn.bench.measure import bench_model
-from kfqn.bench.report import evaluate_targets, markdown_table, summarise, targets_table
+from kfqn.bench.report import (evaluate_targets, markdown_table, ops_details, ops_table,
+                               summarise, targets_table)
 from kfqn.bench.suite import load_suite, load_targets, resolve_methods, resolve_models
 from kfqn.core.errors import ConfigError, KfqnError
 
-HELP = "step time, phases and memory of every preset against SGD-m and Adam"
+HELP = ("step time, phases, memory and (--ops) dispatched ops of every preset against SGD-m "
+        "and Adam")
 SCHEMA = "kfqn-bench/1"
 
 
@@ -58,6 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="targets (default: benchmarks/targets.yaml)")
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 3 when a target is missed")
+    parser.add_argument("--ops", action="store_true",
+                        help="also count the aten ops one step dispatches (TorchDispatchMode): "
+                             "step, closure (forward+backward) and optimizer ops, per "
+                             "preconditioned layer and per parameter tensor (after the timing)")
+    parser.add_argument("--ops-steps", type=int, default=20, metavar="N",
+                        help="--ops: counted steps; the table gives the median step and the "
+                             "maximum (default 20)")
+    parser.add_argument("--ops-warm", type=int, default=3, metavar="N",
+                        help="--ops: steps a method must have taken before counting (one-off "
+                             "work: warm starts, first inversions; default 3)")
+    parser.add_argument("--ops-verbose", type=int, nargs="?", const=12, default=0, metavar="TOP",
+                        help="--ops, and print the TOP (12) most frequent operators, step phases "
+                             "and kfqn functions of each method's optimizer ops")
+    parser.add_argument("--check", action="store_true",
+                        help="--ops, and exit with status 3 when an op budget of the targets "
+                             "(metric ops_*) is exceeded")
     parser.add_argument("--list", action="store_true", help="list models and methods, then exit")
 
 
@@ -70,8 +88,8 @@ def _devices(choice: str) -> list[torch.device]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``kfqn bench``; returns the exit status (0 ok, 1 a method failed,
-    3 a target missed with ``--strict``)."""
+    """Entry point of ``kfqn bench``; returns the exit status (0 ok, 1 a method or its op
+    count failed, 3 a target missed with ``--strict``, or an op budget with ``--check``)."""
     suite = load_suite(args.suite)
     targets = load_targets(args.targets)
     mode = "quick" if args.quick else "full"
@@ -87,12 +105,17 @@ def run(args: argparse.Namespace) -> int:
     repeats = cfg.get("repeats", 5) if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
         raise ConfigError("--repeats must be >= 1 and --warmup >= 0")
+    count_ops = args.ops or args.check or bool(args.ops_verbose)
+    if count_ops and (args.ops_steps < 1 or args.ops_warm < 0):
+        raise ConfigError("--ops-steps must be >= 1 and --ops-warm >= 0")
     threads = cfg.get("threads") if args.threads is None else args.threads
     if threads:
         torch.set_num_threads(int(threads))
     meta = {"mode": mode, "warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "argv": sys.argv[1:]}
+    if count_ops:
+        meta.update({"ops_steps": args.ops_steps, "ops_warm": args.ops_warm})
     start = time.perf_counter()
     records: list[dict] = []
     for device in _devices(args.device):
@@ -103,13 +126,23 @@ def run(args: argparse.Namespace) -> int:
                 warnings.simplefilter("ignore")
                 results = bench_model(spec, methods, suite, device, warmup, repeats, args.seed,
                                       memory=not args.no_memory,
-                                      log=lambda s: print(s, flush=True))
-            records += summarise(results, spec, device, meta)
+                                      log=lambda s: print(s, flush=True),
+                                      ops_steps=args.ops_steps if count_ops else 0,
+                                      ops_warm=args.ops_warm, ops_sites=bool(args.ops_verbose))
+            records += summarise(results, spec, device, meta, ops_top=args.ops_verbose)
             print(f"  ({time.perf_counter() - start:.0f} s so far)", flush=True)
     meta["elapsed_s"] = time.perf_counter() - start
     rows = evaluate_targets(records, targets)
     print()
     print(markdown_table(records))
+    if count_ops:
+        print(f"\naten ops per step (median and max of {args.ops_steps} counted steps, after at "
+              f"least {args.ops_warm} uncounted ones; optimizer ops = step ops - the closure's "
+              "own forward+backward):")
+        print(ops_table(records, targets))
+        if args.ops_verbose:
+            print()
+            print(ops_details(records))
     print()
     print(targets_table(rows))
     print(f"\n{len(records)} records in {meta['elapsed_s']:.0f} s "
@@ -120,9 +153,12 @@ def run(args: argparse.Namespace) -> int:
         path.write_text(json.dumps({"schema": SCHEMA, "meta": meta, "records": records,
                                     "targets": rows}, indent=2))
         print(f"wrote {path}")
-    if any(r["error"] for r in records):
+    if any(r["error"] or r.get("ops_error") for r in records):
         return 1
     if args.strict and any(t["status"] == "MISS" for t in rows):
+        return 3
+    if args.check and any(t["status"] == "MISS" and t["metric"].startswith("ops_")
+                          for t in rows):
         return 3
     return 0
 

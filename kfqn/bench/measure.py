@@ -110,6 +110,8 @@ class Result:
     #: CUDA: None = not checked; "" = one step ran under torch.cuda.set_sync_debug_mode("error")
     #: without a host synchronisation; else where the first one happened
     host_sync: str | None = None
+    #: dispatched-op counts (``--ops``, a :class:`kfqn.bench.ops.OpsResult`), None if not counted
+    ops: Any = None
 
 
 def _innermost_frame(exc: BaseException) -> str:
@@ -150,8 +152,10 @@ def _guard(result: Result, fn: Callable[[], Any]) -> None:
 
 def bench_model(spec: ModelSpec, methods: Sequence[MethodSpec], suite: dict,
                 device: torch.device, warmup: int, repeats: int, seed: int = 0,
-                memory: bool = True, log: Callable[[str], None] = print) -> list[Result]:
-    """Build every method on ``spec``, warm up, time round-robin, then measure memory."""
+                memory: bool = True, log: Callable[[str], None] = print, ops_steps: int = 0,
+                ops_warm: int = 3, ops_sites: bool = False) -> list[Result]:
+    """Build every method on ``spec``, warm up, time round-robin, then measure memory; with
+    ``ops_steps`` > 0 count the dispatched ops of that many steps (:func:`measure_ops`)."""
     batches = make_batches(spec, device, seed)
     results: list[Result] = []
     for method in methods:  # build, warm start and first (cold) step, one method at a time
@@ -217,4 +221,39 @@ def bench_model(spec: ModelSpec, methods: Sequence[MethodSpec], suite: dict,
                 r.transient_bytes = max(0, meter.peak)
 
             _guard(r, transient)
+    if ops_steps > 0:
+        for r in live():
+            measure_ops(r, batches, ops_warm, ops_steps, ops_sites)
+            o = r.ops
+            log(f"  {spec.key}/{r.case.method.label} [{device.type}]: "
+                + (f"ops FAILED: {o.error}" if o.error else
+                   f"{o.median_step().total} ops/step, {o.median_step().optimizer} optimizer ops"))
     return results
+
+
+def measure_ops(result: Result, batches: Sequence[tuple[Tensor, Tensor]], warm: int = 3,
+                steps: int = 20, sites: bool = False) -> None:
+    """Dispatched-op counts of ``result``'s case into ``result.ops``: uncounted steps until the
+    case has taken ``warm`` (the first steps do one-off work: warm starts, first inversions),
+    then ``steps`` counted ones (inversion cadences show in their maximum), then the closure
+    alone. A failure is kept in ``result.ops.error`` and does not touch the timing record."""
+    from kfqn.bench.ops import (OpsResult, count_closure_alone, needs_trial,
+                                preconditioned_layers)
+
+    case = result.case
+    out = OpsResult(warm, [], 0, preconditioned_layers(case.opt), case.param_tensors(),
+                    needs_trial(case.opt))
+    result.ops = out
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            k = 0
+            while case.steps_taken < warm:
+                case.step(*batches[k % len(batches)])
+                k += 1
+            out.warm = case.steps_taken   # steps taken before the first counted one
+            for i in range(steps):
+                out.steps.append(case.count_step(*batches[i % len(batches)], sites=sites))
+            out.closure_alone = count_closure_alone(case.opt, case.closure(*batches[0]))
+    except Exception as exc:  # one broken preset must not sink the whole benchmark
+        out.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]

@@ -22,8 +22,10 @@ def _quantiles(xs: Sequence[float]) -> tuple[float, float, float]:
 
 
 def summarise(results: Sequence[Result], spec: ModelSpec, device: torch.device,
-              meta: dict) -> list[dict]:
-    """One JSON record per method (schema in the module docstring and ``tests/test_bench.py``)."""
+              meta: dict, ops_top: int = 0) -> list[dict]:
+    """One JSON record per method (schema in the module docstring and ``tests/test_bench.py``);
+    the ``ops_*`` fields of :mod:`kfqn.bench.ops` when the ops were counted (``ops_top``: keep
+    the most frequent operators and kfqn functions of the optimizer's ops)."""
     records = []
     for r in results:
         c = r.case
@@ -65,6 +67,8 @@ def summarise(results: Sequence[Result], spec: ModelSpec, device: torch.device,
         rec["memory_method"] = r.memory_method
         rec["host_syncs"] = None if r.host_sync is None else int(bool(r.host_sync))
         rec["host_sync_at"] = r.host_sync or None
+        if r.ops is not None:
+            rec.update(r.ops.record(ops_top))
         records.append(rec)
     ref = next((x for x in records if x["preset"] == REFERENCE and x["error"] is None), None)
     tref = next((x for x in records if x["preset"] == TORCH_REFERENCE and x["error"] is None),
@@ -78,6 +82,9 @@ def summarise(results: Sequence[Result], spec: ModelSpec, device: torch.device,
                                                    times.get(TORCH_REFERENCE))
         rec["state_ratio_to_adam"] = _ratio(rec["state_bytes"], ref and ref["state_bytes"])
         rec["peak_ratio_to_adam"] = _ratio(rec["peak_bytes"], ref and ref["peak_bytes"])
+        if "ops_per_param_tensor" in rec:
+            rec["ops_per_param_tensor_x_torch_adam"] = _ratio(
+                rec["ops_per_param_tensor"], tref and tref.get("ops_per_param_tensor"))
     return records
 
 
@@ -107,7 +114,7 @@ def evaluate_targets(records: Sequence[dict], targets: Sequence[dict]) -> list[d
                         and r["model"] == t["model"] and r["device"] == dev), None)
             value = None if rec is None else rec.get(t["metric"])
             if value is None:
-                why = "not run" if rec is None else (rec.get("error") or f"no {t['metric']}")
+                why = "not run" if rec is None else (rec.get("error") or _missing(rec, t))
                 status = "SKIP"
             else:
                 status = "PASS" if value <= t["max"] else "MISS"
@@ -120,6 +127,16 @@ def evaluate_targets(records: Sequence[dict], targets: Sequence[dict]) -> list[d
                          "max": t["max"], "value": value, "status": status, "note": why,
                          "value_vs_torch_adam": torch_value})
     return rows
+
+
+def _missing(rec: dict, target: dict) -> str:
+    metric = target["metric"]
+    if metric.startswith("ops_"):
+        if "ops_step" not in rec:
+            return "ops not counted: run with --ops"
+        if rec.get("ops_error"):
+            return rec["ops_error"]
+    return f"no {metric}"
 
 
 def _mb(n: int | None) -> str:
@@ -166,3 +183,65 @@ def targets_table(rows: Sequence[dict]) -> str:
                      f"<= {t['max']} | {t['status']}{note} | "
                      f"{_f(t.get('value_vs_torch_adam'), '{:.2f}')} |")
     return "\n".join(lines)
+
+
+def _budget(rec: dict, targets: Sequence[dict]) -> str:
+    """PASS / FAIL of the record's op-budget targets (``ops_*`` metrics), '-' if none."""
+    out = []
+    for t in targets:
+        if not t["metric"].startswith("ops_") or t["method"] != rec["preset"] \
+                or t["model"] != rec["model"] or rec["device"] not in t.get("devices",
+                                                                          [rec["device"]]):
+            continue
+        value = rec.get(t["metric"])
+        if value is None:
+            out.append(f"SKIP ({t['metric']})")
+        else:
+            verdict = "PASS" if value <= t["max"] else "FAIL"
+            short = t["metric"].replace("ops_per_layer", "per layer").replace("_", " ")
+            out.append(f"{verdict} ({short} <= {t['max']:g})")
+    return "; ".join(out) or "-"
+
+
+def ops_table(records: Sequence[dict], targets: Sequence[dict] = ()) -> str:
+    """Dispatched-op counts per (model, device, method) as a Markdown table (``--ops``).
+
+    Counts of the median step (the counted step whose total is the lower median) and the
+    maximum over the counted steps; optimizer ops = step ops - the closure's own ops."""
+    head = ("| model | device | method | precond. layers | param tensors | closure calls | "
+            "step ops | step ops (max) | closure ops | closure alone x calls | optimizer ops | "
+            "opt ops / layer | opt ops / layer (max) | opt ops / param tensor | "
+            "x torch Adam | budget |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in records:
+        if "ops_step" not in r:
+            continue
+        lead = f"| {r['model']} | {r['device']} | {r['preset']} |"
+        if r.get("ops_step") is None:
+            lines.append(f"{lead} failed: {r.get('ops_error')} |" + " |" * 12)
+            continue
+        alone = r["ops_closure_alone"] * r["ops_closure_calls"]
+        lines.append(
+            f"{lead} {r['ops_layers']} | {r['ops_param_tensors']} | {r['ops_closure_calls']} | "
+            f"{r['ops_step']} | {r['ops_step_max']} | {r['ops_closure']} | {alone} | "
+            f"{r['ops_optimizer']} | {_f(r['ops_per_layer'])} | {_f(r['ops_per_layer_max'])} | "
+            f"{_f(r['ops_per_param_tensor'])} | "
+            f"{_f(r.get('ops_per_param_tensor_x_torch_adam'), '{:.1f}')} | "
+            f"{_budget(r, targets)} |")
+    return "\n".join(lines)
+
+
+def ops_details(records: Sequence[dict]) -> str:
+    """The most frequent operators, kfqn functions and step phases of each method's optimizer
+    ops (``--ops-verbose``), as plain text."""
+    out = []
+    for r in records:
+        if not r.get("ops_top_names"):
+            continue
+        out.append(f"{r['model']} [{r['device']}] {r['preset']}: {r['ops_optimizer']} optimizer "
+                   f"ops in the median step ({r['ops_layers']} preconditioned layers)")
+        for key, what in (("ops_top_names", "operators"), ("ops_top_entries", "step phases"),
+                          ("ops_top_sites", "kfqn functions")):
+            items = r.get(key) or []
+            out.append(f"  {what}: " + ", ".join(f"{n} {c}" for n, c in items))
+    return "\n".join(out)

@@ -73,7 +73,8 @@ def load_suite(path: Path | None = None) -> dict:
 
 #: record fields a target may bound
 TARGET_METRICS = ("ratio_to_adam", "ratio_to_torch_adam", "state_ratio_to_adam",
-                  "peak_ratio_to_adam", "host_syncs")
+                  "peak_ratio_to_adam", "host_syncs", "ops_per_layer", "ops_per_layer_max",
+                  "ops_per_param_tensor")
 
 
 def load_targets(path: Path | None = None) -> list[dict]:
