@@ -86,8 +86,26 @@ def _experiment_names() -> list[str]:
         return []
 
 
+def _nproc(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"invalid --nproc {text!r}: give the number of "
+                                         "processes (ranks), an integer >= 1")
+    return n
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     _add_common(p, "run")
+    p.add_argument("--nproc", type=_nproc, default=None, metavar="N",
+                   help="data-parallel training on N local processes (ranks): data.batch_size "
+                        "is the global batch (divisible by N), each rank trains on its slice "
+                        "of it and the run follows the one-process run; rank 0 writes the run "
+                        "directory. Under torchrun or srun leave it out: kfqn train joins the "
+                        "ranks the launcher started (RANK/WORLD_SIZE or SLURM_PROCID/"
+                        "SLURM_STEP_NUM_TASKS)")
 
 
 def _flags(args: argparse.Namespace) -> None:
@@ -134,11 +152,55 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from kfqn.runner import distributed as D
+
+    where = D.detect()
+    try:
+        return _run_train_as(args, where)
+    except KfqnError as exc:
+        if not where.distributed:
+            raise
+        D.record_error(exc)  # for the launcher's report (kfqn train --nproc, torchrun)
+        # every rank meets a config / data / checkpoint error alike: rank 0 reports it, or
+        # kfqn train --nproc does (one line)
+        if where.rank != 0 or D.launched_by_kfqn():
+            return 2
+        raise
+
+
+def _run_train_as(args: argparse.Namespace, where) -> int:
+    from kfqn.runner import distributed as D
+    from kfqn.runner.errors import ConfigError
+
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and where.distributed:
+        raise ConfigError(f"--nproc starts the ranks itself, but this process is already rank "
+                          f"{where.rank} of {where.world_size} ({where.launcher}); leave "
+                          "--nproc out under torchrun or srun")
+    cfg, run_dir, name, identity = _train_setup(args, nproc or where.world_size)
+    if nproc is not None and nproc > 1:
+        return _launch_ranks(args, cfg, run_dir, nproc)
+    if not where.distributed:
+        _check_run_dir(run_dir, args.resume, args.overwrite)
+        return _train_and_report(args, cfg, run_dir, name, identity, D.SINGLE)
+    from kfqn.runner.environment import pick_device
+
+    ctx = D.init(where, pick_device(cfg.device))
+    try:
+        # rank 0 checks the run directory; every rank ends with its error
+        ctx.on_main(lambda: _check_run_dir(run_dir, args.resume, args.overwrite))
+        return _train_and_report(args, cfg, run_dir, name, identity, ctx)
+    finally:
+        ctx.close()
+
+
+def _train_setup(args: argparse.Namespace, world: int):
+    """(config, run directory, label, identity) of ``kfqn train``; checks that need no data."""
     from kfqn.runner import config as C
+    from kfqn.runner.distributed import check_batch, timeout_seconds
     from kfqn.runner.preflight import preflight
     from kfqn.runner.rundir import CONFIG, run_path
     from kfqn.runner.sweep import sweep_dir_of
-    from kfqn.runner.trainer import train_run
 
     _flags(args)
     cli_over, overrides = _overrides(args)
@@ -151,6 +213,9 @@ def _run_train(args: argparse.Namespace) -> int:
         base = C.base_config(C.find_config(args.config), overrides)
     cfg = C.compose_run(base, overrides)
     preflight(cfg)  # every check that needs no data, before anything on disk changes
+    if world > 1:
+        check_batch(cfg.data.batch_size, world)
+        timeout_seconds()  # a bad $KFQN_DIST_TIMEOUT: one line now, not N later
     preset = cfg.optimizer.preset
     label = C.override_label(cli_over, exclude=("sweep",))
     method = f"{preset}-{label}" if label else preset
@@ -158,23 +223,35 @@ def _run_train(args: argparse.Namespace) -> int:
         run_dir = Path(cfg.logging.run_dir) if cfg.logging.run_dir else run_path(
             sweep_dir_of(base) / "train", cfg.task, method, cfg.seed)
     cfg.logging.run_dir = str(run_dir)
-    _check_run_dir(run_dir, args.resume, args.overwrite)
     name = f"{cfg.task + '/' if cfg.task else ''}{method}/seed{cfg.seed}"
     identity = {"task": cfg.task, "preset": preset, "method": method, "seed": cfg.seed,
                 "grid": {}, "label": name, "process": "own"}
+    return cfg, run_dir, name, identity
+
+
+def _train_and_report(args: argparse.Namespace, cfg, run_dir: Path, name: str, identity: dict,
+                      ctx) -> int:
+    from kfqn.runner.distributed import launched_by_kfqn, record_error
+    from kfqn.runner.trainer import train_run
+
+    who = f"rank {ctx.rank} of {ctx.world_size}: " if ctx.active else ""
     try:
         result = train_run(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
-                           quiet=args.quiet, identity=identity)
-    except KfqnError:
-        raise
-    except KeyboardInterrupt:
+                           quiet=args.quiet, identity=identity, dist=ctx if ctx.active else None)
+    except (KfqnError, KeyboardInterrupt):
         raise
     except Exception as exc:
+        record_error(exc)
+        if ctx.active and launched_by_kfqn():
+            return 1  # kfqn train --nproc names the rank that failed first, in one line
         where = run_dir / "error.txt"
         text = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        tail = f" (traceback in {where})" if where.exists() else ""
-        print(f"kfqn train: run failed: {text}{tail}", file=sys.stderr)
+        tail = f" (traceback in {where})" if where.exists() and ctx.is_main else ""
+        print(f"kfqn train: run failed: {who}{text}{tail}", file=sys.stderr)
         return 1
+    code = {"finished": 0, "interrupted": 130}.get(result.status, 1)
+    if not ctx.is_main:
+        return code
     s = result.summary
     print(f"{name}: {result.status}. {result.message}")
     if s.get("final_train_loss") is not None and result.status != "diverged":
@@ -183,10 +260,62 @@ def _run_train(args: argparse.Namespace) -> int:
             line += f", test accuracy {100 * s['final_test_accuracy']:.2f}%"
         elif s.get("final_test_loss") is not None:
             line += f", test loss {s['final_test_loss']:.6g}"
-        print(line + f"; {s['epochs']:.2f} epochs, {s['cpu_seconds']:.1f} CPU s")
+        ranks = f" ({ctx.world_size} ranks)" if ctx.active else ""
+        print(line + f"; {s['epochs']:.2f} epochs, {s['cpu_seconds']:.1f} CPU s{ranks}")
     print(f"logs: {run_dir}  (TensorBoard: tensorboard --logdir {run_dir};  "
           f"report: kfqn report {run_dir})")
-    return {"finished": 0, "interrupted": 130}.get(result.status, 1)
+    return code
+
+
+def _launch_ranks(args: argparse.Namespace, cfg, run_dir: Path, nproc: int) -> int:
+    """``kfqn train --nproc N``: the same command as N ranks; one line if a rank fails."""
+    from kfqn.runner.distributed import launch
+    from kfqn.runner.environment import pick_device
+    from kfqn.runner.errors import ConfigError
+    from kfqn.runner.rundir import is_run_dir, read_status, write_status
+
+    if pick_device(cfg.device).type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise ConfigError(f"--nproc {nproc} on CUDA needs {nproc} GPUs; "
+                              f"{torch.cuda.device_count()} are visible")
+    _check_run_dir(run_dir, args.resume, args.overwrite)
+    argv = ["train", str(args.config), *args.overrides]
+    argv += [flag for flag, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
+                                   ("-q", args.quiet)) if on]
+    result = launch(nproc, argv, threads=cfg.threads)
+    status = (read_status(run_dir) or {}).get("status")
+    if result.exit_code == 0 or status == "diverged":
+        return result.exit_code  # rank 0 printed the outcome (not an error of the launch)
+    if result.exit_code == 130 or result.failed_rank is None:  # a signal stopped the ranks
+        if status != "interrupted":  # else rank 0 printed how to resume
+            why = f" ({result.error})" if result.error else ""
+            print(f"kfqn train: interrupted{why}; --resume continues from the last checkpoint",
+                  file=sys.stderr)
+        return result.exit_code
+    if result.worker_exit == 2 and result.error:  # a config / data / checkpoint error
+        text = result.error.split(": ", 1)[-1] if result.error.split(": ", 1)[0].endswith(
+            "Error") else result.error
+        print(f"kfqn train: error: {text}", file=sys.stderr)
+        return 2
+    what = f"rank {result.failed_rank} of {nproc}" if result.failed_rank is not None else "a rank"
+    code = f"exit code {result.worker_exit}" if result.worker_exit is not None else "failed"
+    detail = f": {result.error[:300]}" if result.error else ""
+    tail = ""
+    if is_run_dir(run_dir):  # rank 0 may have been stopped before it could say why
+        where = run_dir / "error.txt"
+        if result.traceback:
+            where.write_text(f"{what} failed first:\n{result.traceback}")
+            tail = f" (traceback in {where})"
+        status = read_status(run_dir) or {}
+        if status.get("status") in ("running", "failed"):
+            write_status(run_dir, {**status, "status": "failed",
+                                   "message": f"{what} failed ({code}){detail}",
+                                   **({"error_file": str(where)} if tail else {})})
+    print(f"kfqn train: run failed: {what} ({code}){detail}; the other ranks were stopped"
+          f"{tail}", file=sys.stderr)
+    return result.exit_code
 
 
 # -- sweep -----------------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 Faster than ``torch.utils.data.DataLoader`` for data that fits in memory, and its whole state
 (shuffling generator, current permutation, position) goes into checkpoints, so a run resumed in
 the middle of an epoch sees exactly the batches it would have seen.
+
+In a data-parallel run every rank holds the same loader (same seed, same state) and so draws
+the same global batches; the trainer gives each rank its equal slice of every batch
+(:meth:`kfqn.runner.distributed.DistContext.shard`), which is what a ``DistributedSampler``
+over each batch would do, exactly. The loader's position therefore counts global batches, and a
+checkpoint resumes under any number of ranks.
 """
 from __future__ import annotations
 

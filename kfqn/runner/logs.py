@@ -56,6 +56,13 @@ class CsvLog:
             csv.writer(f).writerow([_fmt(row.get(c)) for c in self.columns])
 
 
+class NullLog:
+    """A log that writes nothing: the other ranks of a data-parallel run (rank 0 logs)."""
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        pass
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV file as dicts of strings (empty list if the file is missing)."""
     if not Path(path).exists():

@@ -10,6 +10,9 @@ A run directory holds::
     checkpoint.prev.pt      the one before it (the fallback when the latest is damaged)
     events.out.tfevents.*   TensorBoard logs
 
+In a data-parallel run (``kfqn train --nproc N``, torchrun, SLURM) rank 0 alone writes these
+files (``status.json`` then has ``world_size``); every rank reads the checkpoint on resume.
+
 ``kfqn train`` puts runs under ``<root>/<name>/train/<task>/<method>/seed<k>``; the method is
 the preset plus the command-line overrides that change the experiment (``kbfgs-lr=0.1``).
 

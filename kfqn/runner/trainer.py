@@ -5,6 +5,13 @@ Use :func:`train_run`; the CLI's ``kfqn train`` and every run of ``kfqn sweep`` 
 Timing follows the papers: the budget clocks (wall and process CPU time) count only the
 optimizer's work (warm start and steps, data preparation included); evaluation, logging and
 checkpointing are excluded.
+
+Data-parallel runs (``kfqn train --nproc N``, torchrun, SLURM: :mod:`kfqn.runner.distributed`)
+pass a :class:`~kfqn.runner.distributed.DistContext`: every rank draws the same global batches
+and trains on its equal slice of each through ``DistributedDataParallel``; losses are averaged
+and stop decisions taken together, the budget clocks are rank 0's; rank 0 alone evaluates (on
+the whole evaluation set), logs and writes the run directory, and every rank reads the
+checkpoint on resume.
 """
 from __future__ import annotations
 
@@ -28,10 +35,11 @@ from kfqn.runner.checkpoint import (load_checkpoint, remove_stale_temporaries, r
                                     save_checkpoint, set_rng_state)
 from kfqn.runner.components import get_component, resolve_options
 from kfqn.runner.data.augment import make_augmentation
+from kfqn.runner.distributed import SINGLE, DistContext, check_batch
 from kfqn.runner.environment import configure_torch, derived_seeds, pick_device, seed_everything
 from kfqn.runner.evaluation import evaluate, l2_coefficients, l2_term
 from kfqn.runner.loader import BatchLoader
-from kfqn.runner.logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, TensorBoardLog
+from kfqn.runner.logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, NullLog, TensorBoardLog
 from kfqn.runner.memory import PeakMemory, state_megabytes
 from kfqn.runner.errors import DataError, RunDirError
 from kfqn.runner.preflight import preflight
@@ -80,18 +88,21 @@ class Trainer:
     ``identity`` (task, method, preset, seed, grid) is stored in ``status.json`` and in the
     TensorBoard HParams entry. ``on_step`` callbacks are called after every step with the
     trainer (tests use them; :meth:`request_stop` ends the run cleanly after the current step,
-    as Ctrl-C does).
+    as Ctrl-C does). ``dist``: this rank of a data-parallel run (default: one process).
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, identity: Optional[dict] = None,
-                 on_step: tuple[Callable[["Trainer"], None], ...] = ()) -> None:
+                 on_step: tuple[Callable[["Trainer"], None], ...] = (),
+                 dist: Optional[DistContext] = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.overwrite = overwrite
+        self.dist = dist or SINGLE
+        self.main = self.dist.is_main  # rank 0 (or the only process): writes run_dir
         self._started = False  # True once this run writes into run_dir
-        self.quiet = quiet or not cfg.logging.progress
+        self.quiet = quiet or not cfg.logging.progress or not self.main
         self.identity = dict(identity or {})
         self.on_step = on_step
         self.state = _State()
@@ -111,16 +122,18 @@ class Trainer:
         except KfqnError:
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of the current step
-            if self._started:
+            if self._started and self.main:
                 write_status(self.run_dir, {**self._previous_summary(), **self._status_base(),
                                             "status": "interrupted",
                                             "message": "aborted; --resume continues from the "
                                             "last checkpoint"})
             raise
         except Exception as exc:
-            if self._started:  # before that, nothing on disk belongs to this attempt
+            if self._started and self.main:  # before that, nothing on disk is this attempt's
                 (self.run_dir / "error.txt").write_text(traceback.format_exc())
                 msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if self.dist.active:
+                    msg = f"rank {self.dist.rank} of {self.dist.world_size}: {msg}"
                 write_status(self.run_dir, {**self._previous_summary(), **self._status_base(),
                                             "status": "failed", "message": msg,
                                             "error_file": str(self.run_dir / "error.txt")})
@@ -140,7 +153,8 @@ class Trainer:
         cfg = self.cfg
         preflight(cfg)
         configure_torch(cfg.threads, cfg.deterministic)
-        self.device = pick_device(cfg.device)
+        self.device = self.dist.device if self.dist.active else pick_device(cfg.device)
+        check_batch(cfg.data.batch_size, self.dist.world_size)
         seed_everything(cfg.seed)
         order_seed, aug_seed = derived_seeds(cfg.seed, 2)
 
@@ -155,6 +169,7 @@ class Trainer:
             raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is larger than the "
                               f"training set of {cfg.data.name!r} ({n_train} samples); give "
                               f"data.batch_size <= {n_train} (= {n_train} is full batch)")
+        check_batch(cfg.data.batch_size, self.dist.world_size, n_train, cfg.data.drop_last)
         self.splits = splits.to(self.device)
 
         self.model_comp = get_component("model", cfg.model.name, "model.name")
@@ -163,7 +178,11 @@ class Trainer:
         self.model = self.model_comp.build(splits.input_shape, splits.num_classes,
                                            **self.model_opts).to(self.device)
         self.opt_spec = cfgmod.to_dict(cfg.optimizer)
-        self.optimizer = build_optimizer(self.model, self.opt_spec)
+        # the model the steps call: DistributedDataParallel with N ranks (it averages the
+        # gradients; the kfqn optimizer averages its statistics over its process group);
+        # self.model (evaluation, checkpoints, the L2 term) is the plain module
+        self.net = self.dist.wrap(self.model)
+        self.optimizer = build_optimizer(self.net, self.opt_spec)
         self.scheduler = _make_scheduler(self.optimizer, cfg)
         self.taus = l2_coefficients(self.optimizer, self.opt_spec, cfg.eval.weight_decay)
 
@@ -184,6 +203,8 @@ class Trainer:
         self.state = _State(**ckpt["state"])
 
     def _checkpoint(self) -> None:
+        if not self.main:  # every rank holds the same state; rank 0 writes it
+            return
         save_checkpoint(self.run_dir, {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -212,9 +233,12 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def _status_base(self) -> dict[str, Any]:
-        return {**self.identity, "run_dir": str(self.run_dir),
+        base = {**self.identity, "run_dir": str(self.run_dir),
                 "data": self.cfg.data.name, "model": self.cfg.model.name,
                 "preset": self.cfg.optimizer.get("preset")}
+        if self.dist.active:
+            base["world_size"] = self.dist.world_size
+        return base
 
     def _prepare_dir(self) -> None:
         """Create the run directory; with ``overwrite``, first delete the run it holds (only
@@ -241,40 +265,49 @@ class Trainer:
         ckpt = self._setup()
         if self.overwrite:
             ckpt = None
-        self._prepare_dir()
+        self.dist.barrier()  # every rank has read the checkpoint before rank 0 writes
+        if self.main:
+            self._prepare_dir()
         self._started = True
         resumed = ckpt is not None
         if resumed:
             self._restore(ckpt)
-        else:  # a fresh start: event files of an earlier attempt would mix into the plots
+        elif self.main:  # a fresh start: event files of an earlier attempt would mix into plots
             for old in self.run_dir.glob("events.out.tfevents.*"):
                 old.unlink()
         self._first_step = self.state.step
-        cfgmod.save(self.cfg, self.run_dir / CONFIG)
         self.task_type = self.model_comp.task
         start_step = self.state.step if resumed else None
-        self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, start_step)
-        self.epochs_log = CsvLog(self.run_dir / "epochs.csv", EPOCH_COLUMNS, start_step)
-        self.tb = TensorBoardLog(self.run_dir, self.cfg.logging.tensorboard,
+        if self.main:
+            cfgmod.save(self.cfg, self.run_dir / CONFIG)
+            self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, start_step)
+            self.epochs_log = CsvLog(self.run_dir / "epochs.csv", EPOCH_COLUMNS, start_step)
+        else:  # the other ranks of a data-parallel run write nothing
+            self.steps_log = self.epochs_log = NullLog()
+        self.tb = TensorBoardLog(self.run_dir, self.cfg.logging.tensorboard and self.main,
                                  purge_step=(start_step + 1) if resumed else None)
         self.memory = PeakMemory(self.device)
         self.memory.start()
         self._memory_start_mb = self.memory.start_mb
         self._last_ckpt_wall = time.perf_counter()
-        write_status(self.run_dir, {**self._status_base(), "status": "running",
-                                    "message": "resumed" if resumed else "started"})
+        self._write_status({**self._status_base(), "status": "running",
+                            "message": "resumed" if resumed else "started"})
         try:
             with _sigint_guard(self):
                 status, message = self._loop()
         finally:
             self.tb.flush()
         summary = self._summary(status)
-        write_status(self.run_dir, {**self._status_base(), **summary, "status": status,
-                                    "message": message})
+        self._write_status({**self._status_base(), **summary, "status": status,
+                            "message": message})
         if status in ("finished", "diverged") and self.state.step > self._first_step:
             self._write_hparams(summary)
         self.tb.close()
         return RunResult(self.run_dir, status, message, summary)
+
+    def _write_status(self, data: dict[str, Any]) -> None:
+        if self.main:
+            write_status(self.run_dir, data)
 
     def _max_steps(self) -> float:
         b = self.cfg.budget
@@ -296,6 +329,10 @@ class Trainer:
         return None
 
     def _should_stop(self) -> Optional[str]:
+        if self.dist.active:  # one decision for all ranks, from rank 0's budget clocks
+            s = self.state
+            stop, s.wall, s.cpu = self.dist.agree(self._stop_requested, s.wall, s.cpu)
+            self._stop_requested = self._stop_requested or stop
         return self._budget_spent() or ("interrupted" if self._stop_requested else None)
 
     def _warm_start(self) -> None:
@@ -303,8 +340,14 @@ class Trainer:
             return
         w0, c0 = time.perf_counter(), time.process_time()
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        # N ranks: each batch split into equal shards (the statistics are averaged over the
+        # ranks, so this is the one-rank warm start); when the training set does not split into
+        # N equal parts, every rank passes over all of it (also exact, not faster)
+        split = self.dist.active and len(self.splits.train) % self.dist.world_size == 0
         with self.optimizer.warm_start(), torch.no_grad():
             for xb, _ in _plain_batches(self.splits.train.tensors, self.cfg.data.batch_size):
+                if split:
+                    (xb,) = self.dist.shard(xb)
                 self.model(self.splits.prepare(xb))
         with torch.no_grad():  # the pass must not move BatchNorm running statistics
             for k, v in self.model.named_buffers():
@@ -379,11 +422,14 @@ class Trainer:
         log_now = (s.step + 1) % cfg.logging.every_steps == 0
         l2 = l2_term(self.optimizer, self.taus) if log_now else None  # at theta_k, off the clock
         w0, c0 = time.perf_counter(), time.process_time()
-        x = self.splits.scaled(xb)
-        if self.augment is not None:
-            x = self.augment(x)  # outside the closure: both closure calls see one sample
+        if self.augment is None:
+            xb, yb = self.dist.shard(xb, yb)  # this rank's rows of the global batch
+            x = self.splits.scaled(xb)
+        else:  # augmented as a whole (one random stream, as with one rank), then sharded
+            x = self.augment(self.splits.scaled(xb))  # outside the closure: both closure
+            x, yb = self.dist.shard(x, yb)            # calls see one sample
         x = self.splits.normalize(x)
-        model, comp, opts, opt = self.model, self.model_comp, self.model_opts, self.optimizer
+        model, comp, opts, opt = self.net, self.model_comp, self.model_opts, self.optimizer
 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
@@ -395,6 +441,7 @@ class Trainer:
         if isinstance(loss_t, torch.Tensor):
             loss_t = loss_t.detach()
         loss = float(loss_t) if loss_t is not None else math.nan
+        loss = self.dist.mean_loss(loss)  # the global batch's loss on every rank
         if self.scheduler is not None and cfg.schedule.interval == "step":
             self.scheduler.step()
         dw, dc = time.perf_counter() - w0, time.process_time() - c0
@@ -434,7 +481,7 @@ class Trainer:
 
     def _log_stats(self) -> None:
         fn = getattr(self.optimizer, "stats", None)
-        if not callable(fn) or "stats" in self._warned:
+        if not callable(fn) or "stats" in self._warned or not self.main:
             return
         try:
             stats = fn() or {}
@@ -460,6 +507,10 @@ class Trainer:
 
     def _evaluate_and_log(self) -> None:
         cfg, s = self.cfg, self.state
+        if not self.main:  # rank 0 evaluates the whole sets; the others keep the bookkeeping
+            s.last_eval_step = s.step
+            s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
+            return
         l2 = l2_term(self.optimizer, self.taus)
         batch_mean = (s.epoch_loss_sum / s.epoch_loss_count) if s.epoch_loss_count else None
         if cfg.eval.train_loss:
@@ -548,11 +599,13 @@ class Trainer:
 
 def train_run(cfg: DictConfig, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
               quiet: bool = False, identity: Optional[dict] = None,
-              on_step: tuple[Callable[[Trainer], None], ...] = ()) -> RunResult:
+              on_step: tuple[Callable[[Trainer], None], ...] = (),
+              dist: Optional[DistContext] = None) -> RunResult:
     """Run (or, with ``resume``, continue) one experiment in ``run_dir``; ``overwrite``
-    replaces the run in ``run_dir`` once the new one has been built."""
+    replaces the run in ``run_dir`` once the new one has been built. ``dist``: this rank of a
+    data-parallel run (:func:`kfqn.runner.distributed.init`)."""
     return Trainer(cfg, run_dir, resume=resume, overwrite=overwrite, quiet=quiet,
-                   identity=identity, on_step=on_step).run()
+                   identity=identity, on_step=on_step, dist=dist).run()
 
 
 def _check_finite(splits: Any, name: str) -> None:
@@ -653,11 +706,17 @@ def _sigint_guard(trainer: Trainer) -> Iterator[None]:
         yield
         return
 
+    received: list[int] = []
+
     def handler(signum, frame):
-        if trainer._stop_requested:
+        # with N ranks, a stop may have been agreed on another rank's Ctrl-C before this
+        # rank's own arrives: only this rank's second Ctrl-C aborts it
+        if trainer._stop_requested and (received or not trainer.dist.active):
             raise KeyboardInterrupt
-        _print("interrupt: stopping after this step and saving a checkpoint "
-               "(Ctrl-C again to abort without saving)")
+        received.append(signum)
+        if trainer.main:
+            _print("interrupt: stopping after this step and saving a checkpoint "
+                   "(Ctrl-C again to abort without saving)")
         trainer.request_stop()
 
     try:
