@@ -217,9 +217,8 @@ def _train(opt, model, steps, data=None, size=16):
 
 def test_statistics_and_inverse_cadences_follow_the_config():
     model = small_cnn()
-    opt = kfqn.build_optimizer(model, "kfac", preconditioner={"warm_start": False, "stats_every": 3,
-                                                      "inverse_every": 4, "inverse_warmup": 2,
-                               "stats_every": 3, "inverse_every": 4, "inverse_warmup": 2})
+    opt = kfqn.build_optimizer(model, "kfac", preconditioner={
+        "warm_start": False, "stats_every": 3, "inverse_every": 4, "inverse_warmup": 2})
     owner = opt._sampling_layers[0].precond.g
     sampled_at: list[int] = []
     original = owner.output_cotangents
@@ -232,9 +231,12 @@ def test_statistics_and_inverse_cadences_follow_the_config():
     layer = opt.layers["0"]
     stats_at, inverse_at = [], []
     for k in range(10):
-        before = (layer.precond.a.stat_updates, layer.precond.g.stat_updates, layer.precond.a.inversions, layer.precond.g.inversions)
+        pre = layer.precond
+        before = (int(pre.a.stat_updates), int(pre.g.stat_updates), pre.a.inversions,
+                  pre.g.inversions)
         _train(opt, model, 1)
-        after = (layer.precond.a.stat_updates, layer.precond.g.stat_updates, layer.precond.a.inversions, layer.precond.g.inversions)
+        after = (int(pre.a.stat_updates), int(pre.g.stat_updates), pre.a.inversions,
+                 pre.g.inversions)
         if after[0] > before[0]:
             assert after[1] > before[1]
             stats_at.append(k)

@@ -547,7 +547,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             ok = self._finite_flag(loss)
             if self.comm.world_size > 1:
                 ok = self._reduce_captures(active, "current", ok)
-            self.nonfinite_steps = self.nonfinite_steps + (~ok).long()
+            self.nonfinite_steps += (~ok).long()
             infos: dict[str, StepInfo] = {}
             for layer in active:
                 lam_a, mu2 = self._lambdas(layer)
@@ -622,14 +622,14 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 grad = grad + wd * wbar
             momentum_update_(layer.momentum, grad, layer.started, float(group["momentum"]),
                              form, ok)
-            layer.started = layer.started | ok
+            layer.started |= ok
             # the step is -lr * (H_g Mhat H_a [+ tau Wbar outside]), zero if not finite;
             # computed transposed, (d_a, d_g), where the BLAS products run faster (apply_t)
             precond = layer.precond.precondition_t(layer.momentum.T).T
             if wbar is not None and not inside:
                 precond = precond + wd * wbar
             good = ok & all_finite(precond)
-            layer.dir_rejected = layer.dir_rejected + (ok & ~good).long()
+            layer.dir_rejected += (ok & ~good).long()
             precond = torch.where(good, precond, torch.zeros((), dtype=dt, device=precond.device))
             lr = float(group["lr"])
             for p, d in zip(layer.adapter.targets(), layer.adapter.split(precond)):

@@ -158,7 +158,7 @@ class FirstBatchStart:
         return self.pending.device.type == "cpu" and bool(self.pending)
 
     def taken(self, good: Tensor) -> None:
-        self.pending = self.pending & ~good
+        self.pending &= ~good
         self.tried = True
 
     def state_dict(self) -> dict[str, Any]:

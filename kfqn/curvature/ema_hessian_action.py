@@ -110,7 +110,7 @@ class EMAHessianActionA(AEstimator):
         input has the factor dtype (one product accumulated into A, no (d_a, d_a) temporary)."""
         beta = self.opts["beta"]
         if inp.dtype != self.a.dtype:
-            self.a = torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(inp), self.a)
+            self.a.copy_(torch.where(ok, beta * self.a + (1.0 - beta) * self._cov(inp), self.a))
             return
         keep = 1.0 - (1.0 - beta) * ok.to(self.a.dtype)   # beta where ok, else 1 (no H2D copy)
         self.a.mul_(keep)

@@ -93,9 +93,9 @@ class KFACFactorMixin:
         take = good if skip_ema is None else good & ~skip_ema
         beta = self.opts["beta"]
         new = torch.where(self.seen, beta * self.mat + (1.0 - beta) * batch, batch)
-        self.mat = torch.where(take, new, self.mat)
-        self.seen = self.seen | take
-        self.stat_updates = self.stat_updates + good.long()
+        self.mat.copy_(torch.where(take, new, self.mat))      # in place: static addresses
+        self.seen |= take
+        self.stat_updates += good.long()
 
     def _set_factor(self, mat: Tensor) -> None:
         """Set F directly (warm start)."""
@@ -121,7 +121,10 @@ class KFACFactorMixin:
         self._inverse_due = False
         gamma = self._damping()
         res = self.inversion.invert(self.mat, gamma)
-        self.inverse = res.inverse
+        if self.inverse is None or self.inverse.shape != res.inverse.shape:
+            self.inverse = res.inverse
+        else:
+            self.inverse.copy_(res.inverse)   # in place: static addresses
         self.inversions += 1
         st = self._stats
         st[f"{self.side}_inversion_fallback"] = res.fallback

@@ -70,9 +70,9 @@ class SecantPairsG(GEstimator):
             first = self.pairs == 0
             s_new = torch.where(first, s, s_new)
             y_new = torch.where(first, y, y_new)
-        self.s_avg = torch.where(allow, s_new, self.s_avg)
-        self.y_avg = torch.where(allow, y_new, self.y_avg)
-        self.pairs = self.pairs + allow.long()
+        self.s_avg.copy_(torch.where(allow, s_new, self.s_avg))   # in place: static addresses
+        self.y_avg.copy_(torch.where(allow, y_new, self.y_avg))
+        self.pairs += allow.long()
         d = self.damping(self.s_avg, self.y_avg, self.factor.apply, mu2)
         sy = torch.dot(d.s, d.y)
         gate = allow
@@ -80,7 +80,7 @@ class SecantPairsG(GEstimator):
             bound = self.opts["norm_gate_eps"] * torch.dot(d.s, d.s) * torch.linalg.vector_norm(g_ref)
             gate = gate & (sy > bound)
         accepted = self.factor.update(d.s, d.y, gate)
-        self.rejected = self.rejected + (allow & ~accepted).long()
+        self.rejected += (allow & ~accepted).long()
         st = self._stats
         st["sy_raw"] = torch.dot(self.s_avg, self.y_avg)
         st["sy"] = sy
@@ -109,9 +109,9 @@ class SecantPairsG(GEstimator):
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         if self.opts["source"] != "next_iterate":
             return
-        self.prev_h = torch.where(info.ok, self._cast(cap.h_mean), self.prev_h)
-        self.prev_g = torch.where(info.ok, self._cast(cap.g_mean), self.prev_g)
-        self.has_prev = self.has_prev | info.ok  # a skipped step keeps the pair it would close
+        self.prev_h.copy_(torch.where(info.ok, self._cast(cap.h_mean), self.prev_h))
+        self.prev_g.copy_(torch.where(info.ok, self._cast(cap.g_mean), self.prev_g))
+        self.has_prev |= info.ok  # a skipped step keeps the pair it would close
 
     def factors(self) -> dict[str, Tensor]:
         return {"H_g": self.factor.dense()}

@@ -101,8 +101,8 @@ class EKFACPreconditioner(KFACPreconditioner):
             keep = torch.zeros_like(self.scale_seen) if changed else self.scale_seen
             beta = self.opts["beta"]
             new = torch.where(keep, beta * self.scale + (1.0 - beta) * batch, batch)
-            self.scale = torch.where(good, new, self.scale)
-            self.scale_seen = self.scale_seen | good
+            self.scale.copy_(torch.where(good, new, self.scale))
+            self.scale_seen |= good
 
     # -- the direction ------------------------------------------------------------------------
     def _denominator(self) -> Tensor:

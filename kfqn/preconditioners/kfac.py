@@ -95,8 +95,8 @@ class _InputFactor(KFACFactorMixin, AEstimator):
     # -- per step ------------------------------------------------------------------------------
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.stats_due(info.step):
-            skip = self._skip_next_ema
-            self._skip_next_ema = skip & ~info.ok   # consumed by an accepted step only
+            skip = self._skip_next_ema.clone()
+            self._skip_next_ema &= ~info.ok         # consumed by an accepted step only
             self._absorb(self._cov(cap.inp), info.ok, skip_ema=skip)
         self._schedule_inverse(info.step, info.lam_a)
 

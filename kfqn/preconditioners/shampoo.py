@@ -80,14 +80,17 @@ class _Side:
             beta = self.opts["beta"]
             new = self.stat + outer if beta == 1.0 else torch.where(
                 self.seen, beta * self.stat + (1.0 - beta) * outer, outer)
-            self.stat = torch.where(good, new, self.stat)
-            self.seen = self.seen | good
-            self.updates = self.updates + good.long()
+            self.stat.copy_(torch.where(good, new, self.stat))    # in place: static addresses
+            self.seen |= good
+            self.updates += good.long()
         due = (self.root_inv is None or step < self.opts["inverse_warmup"]
                or step % self.opts["inverse_every"] == 0)
         if self.opts["precondition"] and due:
             res = self.inversion.invert_root(self.stat, self.opts["epsilon"], self.opts["root"])
-            self.root_inv = res.inverse
+            if self.root_inv is None:
+                self.root_inv = res.inverse
+            else:
+                self.root_inv.copy_(res.inverse)   # in place: static addresses
             self.inversions += 1
             self._stats[f"{self.side}_inversion_fallback"] = res.fallback
 

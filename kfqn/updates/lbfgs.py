@@ -174,12 +174,13 @@ class LBFGSFactor(InverseFactor):
         rtol = self.secant_rtol[self.dtype == torch.float64]
         ok = (ok & self._finite([*derived, gamma, h_y, probe])
               & (resid <= rtol * torch.linalg.vector_norm(s)))
-        self._sy = torch.where(ok, rows, self._sy)
-        self.valid = torch.where(ok, valid, self.valid)
-        self.gamma = torch.where(ok, gamma, self.gamma)
-        old = (self._r, self._d, self._yy, self._dense)
-        self._r, self._d, self._yy, self._dense = (
-            None if new is None else torch.where(ok, new, prev) for new, prev in zip(derived, old))
+        # in place: the memory and what is derived from it keep their addresses
+        self._sy.copy_(torch.where(ok, rows, self._sy))
+        self.valid.copy_(torch.where(ok, valid, self.valid))
+        self.gamma.copy_(torch.where(ok, gamma, self.gamma))
+        for new, prev in zip(derived, (self._r, self._d, self._yy, self._dense)):
+            if new is not None:
+                prev.copy_(torch.where(ok, new, prev))
         return ok
 
     def state_bytes(self) -> int:
