@@ -107,8 +107,9 @@ def _data(n=16):
 def test_uncaptured_layer_is_released_at_the_first_step(preset):
     torch.manual_seed(0)
     model = SharedWeights()
-    opt = kfqn.build_optimizer(model, preset, a_side={"warm_start": False}
-                               if preset in ("kbfgs", "kfac") else {})
+    no_warm = {"kbfgs": {"a_side": {"warm_start": False}},
+               "kfac": {"preconditioner": {"warm_start": False}}}.get(preset, {})
+    opt = kfqn.build_optimizer(model, preset, **no_warm)
     assert "proj" in opt.preconditioned_modules  # nothing tells them apart before a step
     x, y = _data()
     w0 = model.proj.weight.detach().clone()
