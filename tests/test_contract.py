@@ -66,14 +66,16 @@ class test_inversion_cholesky_never(  # noqa: N801  (collected through __test__)
                   {"host_reads": "never", "contract_attrs": {"sync_free": True}})):
     """The sync-free configuration: invert() must not read back to the host."""
 
-    # known bug, found by this contract: with host_reads=never (the default on CUDA),
-    # invert([[-finfo(float64).max]], 1e-8) returns [[0.]]: the Gershgorin shift plus its
-    # margin passes finfo.max, the shifted matrix is inf, its Cholesky inverse 0 is finite
-    # and kept by guard() -- not positive definite
-    @pytest.mark.xfail(reason="cholesky host_reads=never: entries at -finfo(float64).max give "
-                              "a zero inverse", strict=False)
-    def test_any_finite_symmetric_input(self, kfqn_device, kfqn_dtype):
-        super().test_any_finite_symmetric_input(kfqn_device, kfqn_dtype)
+    # found by this contract (fixed in kfqn.inversion.base.guard): invert([[-finfo.max]], 1e-8)
+    # returned [[0.]] -- the Gershgorin shift plus its margin overflowed, the Cholesky inverse of
+    # inf is 0, finite, and was kept; guard() now also requires a positive diagonal
+    def test_negative_huge_input_gives_a_positive_definite_inverse(self, kfqn_device, kfqn_dtype):
+        from kfqn.inversion.cholesky import CholeskyInversion
+
+        a = torch.full((1, 1), -torch.finfo(kfqn_dtype).max, dtype=kfqn_dtype,
+                       device=kfqn_device)
+        inv = CholeskyInversion(host_reads="never").invert(a, 1e-8).inverse
+        assert torch.isfinite(inv).all() and float(inv[0, 0]) > 0
 
 
 # -- estimators, fallbacks, presets: built into a real optimizer -------------------------------

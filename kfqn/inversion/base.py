@@ -88,9 +88,10 @@ def diagonal_fallback(a: Tensor, damping: Damping, power: float = -1.0) -> Tenso
 
 def guard(res: "InversionResult", a: Tensor, damping: Damping, power: float = -1.0
           ) -> "InversionResult":
-    """``res`` where its matrix is finite, else :func:`diagonal_fallback` with code 4 (device
-    selection, no host read)."""
-    good = torch.isfinite(res.inverse.abs().amax())
+    """``res`` where its matrix is finite with a positive diagonal (which every SPD matrix has;
+    an overflowed shift can leave a finite zero matrix), else :func:`diagonal_fallback` with
+    code 4 (device selection, no host read)."""
+    good = torch.isfinite(res.inverse.abs().amax()) & (torch.diagonal(res.inverse) > 0).all()
     inv = torch.where(good, res.inverse, diagonal_fallback(a, damping, power))
     code = torch.where(good, res.fallback, torch.full_like(res.fallback, DIAGONAL_FALLBACK))
     return InversionResult(inv, code, res.clamped)
