@@ -370,3 +370,155 @@ def test_check_fails_when_the_op_budget_is_exceeded(tmp_path, capsys):
     # without --ops the op targets are skipped and say why
     assert bench.main([*common, "--targets", tight]) == 0
     assert "SKIP (ops not counted: run with --ops)" in capsys.readouterr().out
+
+
+# -- data-parallel communication (kfqn bench --nproc N, --project) ---------------------------
+DIST_SPEC = dict(key="cnn", model="digits_cnn", input_shape=(1, 8, 8), num_classes=10, batch=16,
+                 options={"width": 0.5})
+DIST_PRESETS = ("kbfgs", "kfbfgs_cnn", "kfac", "shampoo", "adam")
+
+
+def _closed_form(preset: str, dims: list[tuple[str, int, int]]) -> tuple[int, int]:
+    """Steady-state (calls, bytes) per step of the float32 presets, as kfqn/bench/comm_model.py
+    writes them down: L layers, sums of d_a, d_g and their squares."""
+    n = len(dims)
+    sa, sg = sum(a for _, a, _ in dims), sum(g for _, _, g in dims)
+    sa2, sg2 = sum(a * a for _, a, _ in dims), sum(g * g for _, _, g in dims)
+    return {"kbfgs": (2 + 2 * n, 4 * (4 * sg + 1 + sa2 + sa)),
+            "kfbfgs_cnn": (2 + 2 * n, 4 * (4 * sg + 1 + 2 * sa)),
+            "kfac": (1 + 2 * n, 4 * (2 * sg + 1 + sa2 + sg2)),
+            "shampoo": (1, 4 * (2 * sg + 1)),
+            "adam": (1, 4)}[preset]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_two_gloo_ranks_send_exactly_the_formula(tmp_path):
+    """One spawned 2-rank group (kfqn.bench.distributed, DDP + gloo) runs every preset; the
+    statistics all-reduces counted by opt.comm at each step, the first included, equal the
+    formula of kfqn.bench.comm_model for that step, and the steady steps its closed form."""
+    from kfqn.bench import comm_model
+    from kfqn.bench.distributed import run_group
+
+    spec = bench.ModelSpec(**DIST_SPEC)
+    methods = [bench.MethodSpec(p, p) for p in DIST_PRESETS]
+    recs, tail = run_group([spec], methods, {}, world=2, warmup=0, steps=3, timeout=240,
+                           pg_timeout=60, folder=tmp_path, first_step_timed=True)
+    assert tail == "", tail
+    net = bench.Case(spec, methods[0], {}, torch.device("cpu"), 0).model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dims = comm_model.layer_dims(kfqn.build_optimizer(net, "kbfgs"))
+    assert len(dims) == 4
+    for rec in recs:
+        preset = rec["preset"]
+        assert rec["error"] is None, (preset, rec["error"])
+        assert rec["calls_by_step"] == rec["formula_calls_by_step"], preset
+        assert rec["bytes_by_step"] == rec["formula_bytes_by_step"], preset
+        assert rec["formula_match"] is True
+        calls, nbytes = _closed_form(preset, dims)
+        assert rec["calls_by_step"][1:] == [calls, calls], preset
+        assert rec["bytes_by_step"][1:] == [nbytes, nbytes], preset
+        assert (rec["formula_calls_steady"], rec["formula_bytes_steady"]) == (calls, nbytes)
+        assert rec["grad_bytes"] == 4 * sum(p.numel() for p in net.parameters())
+        assert rec["steps"] == 3 and rec["step_ms_median"] > 0 and rec["local_batch"] == 8
+    first = {r["preset"]: r for r in recs}
+    # KF-BFGS-CNN's first step also averages each layer's first-batch A (d_a^2)
+    assert first["kfbfgs_cnn"]["bytes_by_step"][0] == _closed_form("kfbfgs_cnn", dims)[1] + \
+        4 * sum(a * a for _, a, _ in dims)
+
+
+def _count_steps(spec: dict, steps: int = 5, dtype=torch.float32, warm: bool = True):
+    """(measured, formula) (calls, bytes) per step of a one-process optimizer that pretends to
+    be one of two ranks (comm_model.CountingComm)."""
+    from torch import nn
+
+    from kfqn.bench import comm_model
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(36, 6), nn.Tanh(),
+                        nn.Linear(6, 3)).to(dtype)
+    comm = comm_model.CountingComm()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kfqn.build_optimizer(net, spec, comm=comm)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 2, 7, 7, generator=g, dtype=dtype)
+        y = torch.randint(0, 3, (8,), generator=g)
+        if warm and opt.needs_warm_start:
+            with opt.warm_start():
+                net(x)
+        got, want = [], []
+        for _ in range(steps):
+            exp = comm_model.expected_comm(opt, 1)
+            c0, b0 = comm.calls, comm.bytes
+
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            got.append((comm.calls - c0, comm.bytes - b0))
+            want.append((exp.calls, exp.bytes))
+    return got, want, comm_model.per_step(opt)
+
+
+@pytest.mark.parametrize("spec, dtype, warm", [
+    ({"preset": "kbfgs", "factor_dtype": "float64"}, torch.float64, True),  # two dtypes: 2 calls
+    ({"preset": "kbfgs"}, torch.float32, False),               # A from the first batch
+    ({"preset": "kfbfgs_ll_cnn"}, torch.float32, True),        # no trial pass, identity start
+    ({"preset": "kfac", "preconditioner": {"stats_every": 3}}, torch.float32, True),
+    ({"preset": "kfac", "preconditioner": {"name": "ekfac", "inverse_every": 3,
+                                           "inverse_warmup": 2}}, torch.float32, True),
+], ids=["kbfgs-float64", "kbfgs-no-warm-start", "kfbfgs_ll_cnn", "kfac-T1=3", "ekfac"])
+def test_formula_follows_dtypes_cadences_and_start_up(spec, dtype, warm):
+    got, want, per = _count_steps(spec, dtype=dtype, warm=warm)
+    assert got == want
+    assert per.calls > 0 and per.bytes > 0
+    if spec["preset"] == "kfac" and spec["preconditioner"].get("stats_every") == 3:
+        assert [c for c, _ in got[:4]] == [9, 1, 1, 9]     # statistics at steps 0 and 3 only
+        assert per.calls == pytest.approx((9 + 1 + 1) / 3)
+    if dtype == torch.float64:
+        assert got[-1][0] == 11                           # captures: a float64 and a float32 call
+
+
+def test_allreduce_model_and_projection(tmp_path, capsys):
+    """The link model's arithmetic, and --project end to end on a small model whose compute
+    time comes from a given CUDA record."""
+    from kfqn.bench import project as P
+
+    assert P.allreduce_s(2, 8e9, 8, 100.0, 10.0) == pytest.approx(2e-5 + 2 * 7 / 8 * 0.08)
+    rec = {"model": "digits_cnn", "preset": "kbfgs", "device": "cuda", "batch": 32,
+           "step_ms_median": 50.0, "phase_ms_median": {"forward_backward": 10.0}}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"records": [rec, {**rec, "preset": "adam"}]}))
+    out = tmp_path / "proj.json"
+    code = bench.main(["--project", "--project-models", "digits_cnn", "--presets", "kbfgs,adam",
+                       "--compute", str(path), "--gpus", "8,64", "--link", "64:25:50",
+                       "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "step ms @64" in text and "assumptions" in text and "25 GB/s" in text
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["rows"]}
+    kb = rows["kbfgs"]
+    assert kb["compute_source"] == "measured" and kb["compute_ms"] == 50.0
+    t64 = P.allreduce_s(kb["stats_calls"], kb["stats_bytes"], 64, 25.0, 50.0) * 1e3
+    g64 = P.allreduce_s(kb["grad_calls"], kb["grad_bytes"], 64, 25.0, 50.0) * 1e3
+    assert kb["step_ms_64"] == pytest.approx(50.0 + t64 + g64)
+    assert rows["adam"]["stats_calls"] == 1 and rows["adam"]["stats_bytes"] == 4
+    assert bench.main(["--project", "--gpus", "16"]) == 2      # no link figures for 16 GPUs
+
+
+def test_scaling_table_lists_every_case():
+    from kfqn.bench.distributed import scaling_table
+
+    ok = {"model": "m", "preset": "kbfgs", "nproc": 2, "batch": 16, "error": None,
+          "step_ms_1": 10.0, "step_ms_n": 8.0, "speedup": 1.25, "calls_per_step": 10.0,
+          "bytes_per_step": 2048.0, "formula_bytes_per_step": 2048.0, "formula_match": True,
+          "stats_comm_ms_median": 1.5, "grad_bytes": 4096}
+    bad = {"model": "m", "preset": "kfac", "nproc": 2, "batch": 16, "error": "boom"}
+    table = scaling_table([ok, bad])
+    assert "| m | kbfgs | 16 | 10 | 8 | 1.25 | 10 | 2.0 | 2.0 | yes | 1.5 | 4.1 | 0.50 |" in table
+    assert "failed: boom" in table

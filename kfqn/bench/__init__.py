@@ -40,14 +40,25 @@ On CUDA the phase times are host times (the optimizer does not synchronise insid
 step time itself is measured between ``torch.cuda.synchronize()`` calls. The targets in
 ``benchmarks/targets.yaml`` are checked on the ratios of the same run and printed PASS/MISS.
 
+With ``--nproc N`` (:mod:`~kfqn.bench.distributed`) every method runs at 1 and at N
+data-parallel ranks instead (CPU, gloo, spawned processes with timeouts, the same global batch):
+step times at both, kfqn's statistics all-reduces per step (``opt.comm`` calls and bytes) beside
+their formula (:mod:`~kfqn.bench.comm_model`, which the run checks step by step), and DDP's
+gradient bytes. ``--project`` (:mod:`~kfqn.bench.project`) prices that formula on ResNet-32 and
+VGG16 at 8 and 64 GPUs with a stated link model and measured 1-GPU compute times: a
+projection, printed with its assumptions.
+
 Modules: :mod:`~kfqn.bench.suite` (definitions), :mod:`~kfqn.bench.cases` (one method on one
 model), :mod:`~kfqn.bench.measure` (timing and memory), :mod:`~kfqn.bench.ops` (op counts),
-:mod:`~kfqn.bench.report` (records, targets, tables), :mod:`~kfqn.bench.cli`. Run
+:mod:`~kfqn.bench.report` (records, targets, tables), :mod:`~kfqn.bench.comm_model`,
+:mod:`~kfqn.bench.distributed`, :mod:`~kfqn.bench.project`, :mod:`~kfqn.bench.cli`. Run
 ``python -m kfqn.bench --help`` (or ``kfqn bench --help``); ``benchmarks/profile_presets.py``
 shows where a preset's time goes.
 """
 from kfqn.bench.cases import Case, FirstOrder, make_batches
 from kfqn.bench.cli import HELP, SCHEMA, add_arguments, main, run
+from kfqn.bench.comm_model import (CommCount, CountingComm, expected_comm, per_step,
+                                   step_collectives)
 from kfqn.bench.measure import AllocationMeter, Result, bench_model, measure_ops
 from kfqn.bench.ops import OpCounter, OpsResult, StepOps, count_call, count_step
 from kfqn.bench.report import (evaluate_targets, markdown_table, ops_details, ops_table,
@@ -61,5 +72,6 @@ __all__ = [
     "markdown_table", "targets_table", "ops_table", "ops_details", "OpCounter", "OpsResult",
     "StepOps", "count_call", "count_step", "MethodSpec", "ModelSpec", "benchmarks_dir",
     "load_suite", "load_targets", "resolve_methods", "resolve_models", "REFERENCE",
-    "TORCH_REFERENCE",
+    "TORCH_REFERENCE", "CommCount", "CountingComm", "expected_comm", "per_step",
+    "step_collectives",
 ]

@@ -19,7 +19,8 @@ from kfqn.bench.suite import load_suite, load_targets, resolve_methods, resolve_
 from kfqn.core.errors import ConfigError, KfqnError
 
 HELP = ("step time, phases, memory and (--ops) dispatched ops of every preset against SGD-m "
-        "and Adam")
+        "and Adam; --nproc N: data-parallel step time and communication; --project: 8/64-GPU "
+        "projection")
 SCHEMA = "kfqn-bench/1"
 
 
@@ -77,6 +78,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--ops, and exit with status 3 when an op budget of the targets "
                              "(metric ops_*) is exceeded")
     parser.add_argument("--list", action="store_true", help="list models and methods, then exit")
+    dist = parser.add_argument_group("data-parallel (kfqn/bench/distributed.py, project.py)")
+    dist.add_argument("--nproc", type=int, default=0, metavar="N",
+                      help="run every method at 1 and at N ranks (CPU, gloo, spawned processes, "
+                           "same global batch): step times, kfqn's statistics all-reduces per "
+                           "step (calls, bytes) against their formula, DDP's gradient bytes")
+    dist.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                      help="--nproc: kill a world size's process group after S seconds "
+                           "(default 900)")
+    dist.add_argument("--project", action="store_true",
+                      help="print the projected step time at 8 and 64 GPUs of ResNet-32 and "
+                           "VGG16 per preset (communication formula + link model + measured "
+                           "1-GPU compute), with its assumptions, then exit")
+    dist.add_argument("--gpus", default="8,64", help="--project: GPU counts (default 8,64)")
+    dist.add_argument("--link", action="append", default=[], metavar="N:GBPS:US",
+                      help="--project: all-reduce bus bandwidth (GB/s) and latency per call "
+                           "(us) at N GPUs, e.g. 64:40:40")
+    dist.add_argument("--compute", default=None, metavar="PATH",
+                      help="--project: kfqn bench --json file with CUDA records for the "
+                           "per-GPU compute time (default benchmarks/results/"
+                           "2026-11-25-h100-full.json)")
+    dist.add_argument("--project-models", default="resnet32,vgg16", metavar="MODELS",
+                      help="--project: registered models (default resnet32,vgg16)")
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -90,10 +113,14 @@ def _devices(choice: str) -> list[torch.device]:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``kfqn bench``; returns the exit status (0 ok, 1 a method or its op
     count failed, 3 a target missed with ``--strict``, or an op budget with ``--check``)."""
+    if getattr(args, "project", False):
+        return run_projection(args)
     suite = load_suite(args.suite)
     targets = load_targets(args.targets)
     mode = "quick" if args.quick else "full"
-    methods = resolve_methods(suite, args.presets, mode=mode)
+    # --nproc: --presets may name any registered preset, also in quick mode
+    methods = resolve_methods(suite, args.presets,
+                              mode="full" if getattr(args, "nproc", 0) and args.presets else mode)
     specs = resolve_models(suite, mode, args.models, dict(args.batch))
     if args.list:
         print("models: " + ", ".join(f"{k} ({v['model']}, batch {v['batch']})"
@@ -109,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if count_ops and (args.ops_steps < 1 or args.ops_warm < 0):
         raise ConfigError("--ops-steps must be >= 1 and --ops-warm >= 0")
     threads = cfg.get("threads") if args.threads is None else args.threads
+    if getattr(args, "nproc", 0):
+        return run_distributed(args, suite, methods, specs, mode, warmup, repeats, threads)
     if threads:
         torch.set_num_threads(int(threads))
     meta = {"mode": mode, "warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(),
@@ -160,6 +189,80 @@ def run(args: argparse.Namespace) -> int:
     if args.check and any(t["status"] == "MISS" and t["metric"].startswith("ops_")
                           for t in rows):
         return 3
+    return 0
+
+
+def _meta(**extra: object) -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "argv": sys.argv[1:], **extra}
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {out}")
+
+
+def run_distributed(args: argparse.Namespace, suite: dict, methods: list, specs: list,
+                    mode: str, warmup: int, repeats: int, threads: int | None) -> int:
+    """``kfqn bench --nproc N`` (:mod:`kfqn.bench.distributed`); 1 when a case failed or its
+    measured statistics traffic differs from the formula."""
+    from kfqn.bench.distributed import SCHEMA as DIST_SCHEMA
+    from kfqn.bench.distributed import run_scaling, scaling_table
+
+    if args.nproc < 2:
+        raise ConfigError("--nproc must be >= 2")
+    if args.device == "cuda":
+        raise ConfigError("--nproc runs on the CPU (gloo); leave --device out")
+    start = time.perf_counter()
+    meta = _meta(mode=mode, nproc=args.nproc, warmup=warmup, repeats=repeats,
+                 threads_per_rank=threads)
+    records = run_scaling(specs, methods, suite, args.nproc, warmup, repeats, args.seed,
+                          threads, args.timeout, log=lambda s: print(s, flush=True))
+    meta["elapsed_s"] = time.perf_counter() - start
+    print()
+    print(scaling_table(records))
+    print(f"\nCPU, gloo, {threads or 'default'} thread(s) per rank, the same global batch at "
+          f"1 and {args.nproc} ranks; step time = median over {repeats} rounds of the slowest "
+          "rank; kfqn calls / bytes measured at "
+          f"{args.nproc} ranks (opt.comm, one rank's contribution); DDP gradient bytes = every "
+          f"trainable parameter. {meta['elapsed_s']:.0f} s.")
+    _write_json(args.json, {"schema": DIST_SCHEMA, "meta": meta, "records": records})
+    if any(r["error"] for r in records) or any(r.get("formula_match") is False
+                                               for r in records):
+        return 1
+    return 0
+
+
+def run_projection(args: argparse.Namespace) -> int:
+    """``kfqn bench --project`` (:mod:`kfqn.bench.project`)."""
+    from kfqn.bench.project import (PRESETS, assumptions_text, parse_link, project,
+                                    projection_table)
+
+    try:
+        gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        links = dict(parse_link(t) for t in args.link)
+    except ValueError as exc:
+        raise ConfigError(f"--gpus / --link: {exc}") from None
+    models = [m.strip() for m in args.project_models.split(",") if m.strip()]
+    presets = None
+    if args.presets:
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    torch.set_num_threads(int(args.threads or 1))
+    print("projection (not a measurement): building the models for their layer dimensions",
+          flush=True)
+    try:
+        result = project(models, presets or PRESETS, gpus, links, args.compute,
+                         log=lambda s: print(s, flush=True))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print()
+    print(projection_table(result))
+    print("\nassumptions:")
+    print(assumptions_text(result))
+    _write_json(args.json, {"schema": "kfqn-bench-project/1", "meta": _meta(), **result})
     return 0
 
 

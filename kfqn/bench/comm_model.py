@@ -1,0 +1,297 @@
+"""The data-parallel communication of one optimizer step, as a formula of the layer dimensions.
+
+With N > 1 ranks (a ``DistributedDataParallel`` model, :mod:`kfqn.core.communicator`) kfqn
+averages layer statistics with blocking all-reduces, beside DDP's own gradient all-reduce. What
+one step sends follows from the configuration and the layer shapes alone; this module writes it
+down so that ``kfqn bench --nproc N`` (and ``tests/test_bench.py``) can check it against
+``opt.comm.calls`` / ``opt.comm.bytes``, and ``kfqn bench --project`` can price it for models
+and world sizes that were never run.
+
+Notation, per preconditioned layer l: ``d_a`` (homogeneous input dimension: c_in k_h k_w (+1)),
+``d_g`` (output dimension); ``s_x`` = bytes per element of the layer's activations (its weight
+dtype, 4 for float32), ``s_f`` = bytes per element of ``factor_dtype``; L layers. The number of
+positions |T| (conv output pixels) never enters: every statistic is a mean over batch *and*
+positions before it is averaged. One all-reduce ("call") per ``comm.mean`` and one per dtype
+of a ``comm.mean_many``; its bytes are what the rank contributes (``numel * element_size``).
+
+Per step (steady state: after the first accepted step, warm start done):
+
+* every preset (``KFQNOptimizer._reduce_captures``, current pass): one call with the h and g
+  means of every layer and the finite flag (float32): 2 sum_l d_g s_x + 4 bytes (one call per
+  distinct dtype: a float64 model sends two);
+* a trial pass (``g_side.source: extra_pass``: kbfgs, kbfgs_l, kfbfgs_cnn, kfbfgs_l_cnn) repeats
+  it at theta+ without the flag: one more call of 2 sum_l d_g s_x bytes;
+* ``a_side: ema_hessian_action`` (kbfgs, kbfgs_l): per layer, the EMA of A every step
+  (d_a^2 s_x) and the input mean v (d_a s_x): 2 calls per layer;
+* ``a_side: minibatch_hessian_action`` (kfbfgs_cnn, kfbfgs_l_cnn, kfbfgs_ll_cnn): per layer, the
+  input mean v and the Hessian action (1/m) sum abar abar^T s_a (d_a s_x each): 2 calls per
+  layer (and A = d_a^2 s_x once, at the first step, for ``init: batch_inverse``);
+* ``preconditioner: kfac``: per layer at every statistics step (``stats_every`` T1): A
+  (d_a^2 s_x) and G (d_g^2 s_f): 2 calls per layer every T1 steps;
+* ``preconditioner: ekfac``: K-FAC's, plus the scaling S (d_g d_a s_f) at every statistics
+  step and every step that refreshes the eigenbasis (k < inverse_warmup, k % inverse_every = 0);
+* ``preconditioner: shampoo``: nothing more (its statistics come from the gradient, which DDP
+  has already averaged);
+* first-order presets (adam, sgd_m, rmsprop; no preconditioned layer): the flag alone, 4 bytes.
+
+So, in float32 (s_x = s_f = 4), bytes per step::
+
+    kbfgs, kbfgs_l        4 (4 sum d_g + 1 + sum (d_a^2 + d_a))        2 + 2L calls
+    kfbfgs_cnn, _l_cnn    4 (4 sum d_g + 1 + 2 sum d_a)                2 + 2L calls
+    kfbfgs_ll_cnn         4 (2 sum d_g + 1 + 2 sum d_a)                1 + 2L calls
+    kfac                  4 (2 sum d_g + 1 + sum (d_a^2 + d_g^2) / T1) 1 + 2L / T1 calls
+    shampoo               4 (2 sum d_g + 1)                            1 call
+    adam, sgd_m, rmsprop  4                                            1 call
+
+against DDP's gradient all-reduce of sum_p numel(p) s_p bytes (every trainable parameter,
+sum_l d_g d_a s_x for the preconditioned layers plus the rest, in ~25 MiB buckets).
+
+:func:`step_collectives` lists the all-reduces of one given step from the optimizer's state
+(so it also covers the first step, whose start-up statistics are extra, and K-FAC's cadences);
+:func:`expected_comm` sums them over the next steps; :func:`per_step` gives the steady-state
+average over a full cadence period. A preconditioner or estimator this module does not know
+raises :class:`UnknownCommModel`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+#: DDP's default gradient bucket size (``bucket_cap_mb=25``)
+DDP_BUCKET_BYTES = 25 * 2**20
+
+
+class UnknownCommModel(ValueError):
+    """A component whose communication this model does not describe."""
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One all-reduce: what it averages, for which layer (None: all layers), its size."""
+
+    what: str
+    layer: str | None
+    numel: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class CommCount:
+    """Calls and bytes (one rank's contribution) of a number of steps."""
+
+    calls: float
+    bytes: float
+
+    def __add__(self, other: "CommCount") -> "CommCount":
+        return CommCount(self.calls + other.calls, self.bytes + other.bytes)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _count(colls: Iterable[Collective]) -> CommCount:
+    colls = list(colls)
+    return CommCount(len(colls), sum(c.nbytes for c in colls))
+
+
+def _layers(opt: Any) -> list[Any]:
+    return list((getattr(opt, "layers", None) or {}).values())
+
+
+def _act_dtype(layer: Any) -> torch.dtype:
+    """The dtype of the layer's activations (inputs, h, g): its weight's (no autocast)."""
+    return layer.module.weight.dtype
+
+
+def _captures(layers: list[Any], what: str, flag: bool) -> list[Collective]:
+    """``_reduce_captures``: h and g means of every layer (+ the float32 flag), one all-reduce
+    per dtype (``TorchDistributed.mean_many``)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for layer in layers:
+        dt = _act_dtype(layer)
+        by_dtype[dt] = by_dtype.get(dt, 0) + 2 * layer.adapter.d_g
+    if flag:
+        by_dtype[torch.float32] = by_dtype.get(torch.float32, 0) + 1
+    return [Collective(what, None, n, dt) for dt, n in by_dtype.items()]
+
+
+def _kronecker(layer: Any, step: int, steady: bool) -> list[Collective]:
+    pre, name = layer.precond, layer.name
+    d_a, dx = layer.adapter.d_a, _act_dtype(layer)
+    out: list[Collective] = []
+    a, g = pre.a, pre.g
+    a_kind, g_kind = getattr(a, "name", type(a).__name__), getattr(g, "name", type(g).__name__)
+    if g_kind != "secant_pairs":
+        raise UnknownCommModel(f"g_side {g_kind!r}: no communication model")
+    if a_kind == "ema_hessian_action":
+        if not steady:
+            starting = (a.a is None and a._start is None) or (a._start is not None
+                                                             and a._start.due())
+            if starting:   # prepare: A from the first batch (no warm start)
+                out.append(Collective("A (first batch)", name, d_a * d_a, dx))
+        out.append(Collective("A (EMA)", name, d_a * d_a, dx))          # after_step: _ema
+        out.append(Collective("input mean v", name, d_a, dx))           # after_step: v
+    elif a_kind == "minibatch_hessian_action":
+        if not steady and a.opts["init"] != "identity" and a._start.due():
+            out.append(Collective("A (first batch)", name, d_a * d_a, dx))
+        out.append(Collective("input mean v", name, d_a, dx))
+        out.append(Collective("Hessian action", name, d_a, dx))
+    else:
+        raise UnknownCommModel(f"a_side {a_kind!r}: no communication model")
+    return out
+
+
+def _kfac(layer: Any, step: int, steady: bool, opt: Any) -> list[Collective]:
+    pre, name = layer.precond, layer.name
+    d_a, d_g, dx, df = layer.adapter.d_a, layer.adapter.d_g, _act_dtype(layer), opt.factor_dtype
+    t1 = pre.opts["stats_every"]
+    due = lambda f: (step % t1 == 0) or (not steady and f.mat is None)  # noqa: E731
+    out: list[Collective] = []
+    if due(pre.g):   # prepare: G side first
+        out.append(Collective("G", name, d_g * d_g, df))
+    if due(pre.a):
+        out.append(Collective("A", name, d_a * d_a, dx))
+    if getattr(pre, "name", "") == "ekfac" and pre.opts["scaling"] == "refit" \
+            and pre.opts["precondition"]:
+        o = pre.opts
+        changed = (step < o["inverse_warmup"] or step % o["inverse_every"] == 0
+                   or (not steady and pre.basis is None))
+        if changed or step % t1 == 0:
+            out.append(Collective("S (EKFAC scaling)", name, d_g * d_a, df))
+    return out
+
+
+def step_collectives(opt: Any, step: int | None = None, steady: bool = False) -> list[Collective]:
+    """The all-reduces that step ``step`` (default: the next one, ``opt._step_count``) of
+    ``opt`` makes with more than one rank, every layer delivering statistics and every value
+    finite. ``steady``: ignore one-off start-up work (first-batch factors)."""
+    if not hasattr(opt, "layers"):   # torch.optim behind kfqn.bench.cases.FirstOrder
+        return []
+    step = opt._step_count if step is None else step
+    layers = _layers(opt)
+    out = _captures(layers, "h, g means + finite flag", flag=True)
+    per_layer: list[Collective] = []
+    for layer in layers:
+        kind = getattr(layer.precond, "name", type(layer.precond).__name__)
+        if kind == "kronecker":
+            per_layer += _kronecker(layer, step, steady)
+        elif kind in ("kfac", "ekfac"):
+            per_layer += _kfac(layer, step, steady, opt)
+        elif kind == "shampoo":
+            pass
+        else:
+            raise UnknownCommModel(f"preconditioner {kind!r}: no communication model")
+    out += per_layer
+    if layers and any("trial" in l.precond.needs for l in layers):
+        out += _captures(layers, "h, g means at theta+", flag=False)
+    return out
+
+
+def expected_comm(opt: Any, steps: int = 1) -> CommCount:
+    """Calls and bytes of the next ``steps`` steps (the first from the current state, the
+    others in steady state)."""
+    k0 = getattr(opt, "_step_count", 0)
+    total = CommCount(0, 0)
+    for i in range(steps):
+        total = total + _count(step_collectives(opt, k0 + i, steady=i > 0))
+    return total
+
+
+def cadence_period(opt: Any) -> int:
+    """Steps after which the communication pattern repeats (K-FAC's T1, EKFAC's T2)."""
+    period = 1
+    for layer in _layers(opt):
+        o = getattr(layer.precond, "opts", {}) or {}
+        for key in ("stats_every", "inverse_every"):
+            if isinstance(o.get(key), int):
+                period = math.lcm(period, o[key])
+    return period
+
+
+def per_step(opt: Any) -> CommCount:
+    """Steady-state calls and bytes per step, averaged over one cadence period (after every
+    warm-up)."""
+    period = cadence_period(opt)
+    warm = max([int((getattr(l.precond, "opts", {}) or {}).get("inverse_warmup", 0) or 0)
+                for l in _layers(opt)] + [0])
+    base = period * (warm // period + 1)
+    total = CommCount(0, 0)
+    for k in range(base, base + period):
+        total = total + _count(step_collectives(opt, k, steady=True))
+    return CommCount(total.calls / period, total.bytes / period)
+
+
+class CountingComm:
+    """A stand-in for :class:`~kfqn.core.communicator.TorchDistributed` in one process: it
+    pretends to be rank 0 of ``world_size`` ranks whose statistics all equal its own, counting
+    the all-reduces (``calls``, ``bytes``) exactly as ``TorchDistributed`` does, without a
+    process group. ``build_optimizer(model, spec, comm=CountingComm())``."""
+
+    rank = 0
+
+    def __init__(self, world_size: int = 2) -> None:
+        from kfqn.core.communicator import TorchDistributed
+
+        self.world_size = world_size
+        self.calls = 0
+        self.bytes = 0
+        self._impl = TorchDistributed.__new__(TorchDistributed)
+        self._impl.world_size = world_size
+        self._impl._all_reduce = self._all_reduce
+
+    def _all_reduce(self, flat: torch.Tensor) -> None:
+        self.calls += 1
+        self.bytes += flat.numel() * flat.element_size()
+        flat.mul_(self.world_size)   # the sum of world_size equal contributions
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mean_many([t])[0]
+
+    def mean_many(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        from kfqn.core.communicator import TorchDistributed
+
+        return TorchDistributed.mean_many(self._impl, tensors)
+
+    def all_ok(self, flag: torch.Tensor) -> torch.Tensor:
+        from kfqn.core.communicator import TorchDistributed
+
+        return TorchDistributed.all_ok(self._impl, flag)
+
+
+def grad_bytes(model: nn.Module) -> int:
+    """DDP's gradient all-reduce per step: every trainable parameter's bytes."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def grad_calls(model: nn.Module, bucket_bytes: int = DDP_BUCKET_BYTES) -> int:
+    """DDP's all-reduce calls per step, approximately: one per ~25 MiB bucket."""
+    return max(1, math.ceil(grad_bytes(model) / bucket_bytes))
+
+
+def layer_dims(opt: Any) -> list[tuple[str, int, int]]:
+    """(name, d_a, d_g) of every preconditioned layer."""
+    return [(l.name, l.adapter.d_a, l.adapter.d_g) for l in _layers(opt)]
+
+
+def breakdown(opt: Any) -> dict[str, CommCount]:
+    """Steady-state calls and bytes per step by statistic (summed over layers), averaged over
+    a cadence period."""
+    period = cadence_period(opt)
+    warm = max([int((getattr(l.precond, "opts", {}) or {}).get("inverse_warmup", 0) or 0)
+                for l in _layers(opt)] + [0])
+    base = period * (warm // period + 1)
+    out: dict[str, CommCount] = {}
+    for k in range(base, base + period):
+        for c in step_collectives(opt, k, steady=True):
+            out[c.what] = out.get(c.what, CommCount(0, 0)) + CommCount(1 / period,
+                                                                       c.nbytes / period)
+    return out
