@@ -112,3 +112,18 @@ def test_ekfac_is_registered_from_its_own_file():
     reg = kfqn.default_registry()
     assert "ekfac" in reg.names("preconditioner")
     assert reg.get("preconditioner", "ekfac").__module__ == "kfqn.preconditioners.ekfac"
+
+
+@pytest.mark.parametrize("scaling", ["refit", "kronecker"])
+def test_statistics_every_few_steps(scaling):
+    """stats_every > 1: a basis due on a step without statistics waits for the next one
+    (refit), so the scaling is always estimated in the basis it is used with."""
+    x, y = teacher_data(96)
+    model = small_cnn()
+    opt = _opt(model, "ekfac", preconditioner={"stats_every": 2, "scaling": scaling}, lr=0.1)
+    data = batches(x, y, 32)
+    first = float(F.cross_entropy(model(x), y).detach())
+    for _ in range(9):
+        opt.step(make_closure(opt, model, *next(data)))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(F.cross_entropy(model(x), y).detach()) < first

@@ -53,6 +53,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         self.scale_seen = torch.zeros((), dtype=torch.bool, device=dev)
         self.lam = 0.0
         self.gammas: tuple[Any, Any] = (0.0, 0.0)
+        self._basis_pending = False
 
     # -- statistics ---------------------------------------------------------------------------
     def _per_sample_grads(self, cap: Any) -> list[Tensor]:
@@ -79,9 +80,15 @@ class EKFACPreconditioner(KFACPreconditioner):
         every T2 steps, every step k < inverse_warmup, and while there is none. True if they
         changed."""
         due = (self.basis is None or step < self.opts["inverse_warmup"]
-               or step % self.opts["inverse_every"] == 0)
+               or step % self.opts["inverse_every"] == 0 or self._basis_pending)
         if not due or not self.opts["precondition"] or self.a.mat is None or self.g.mat is None:
             return False
+        # the refitted scaling belongs to one basis and is re-estimated from this step's
+        # per-sample gradients: on a step without statistics the change waits for the next one
+        if self.opts["scaling"] == "refit" and not self.g.stats_due(step):
+            self._basis_pending = True
+            return False
+        self._basis_pending = False
         l_a, q_a = torch.linalg.eigh(self.a.mat)
         l_g, q_g = torch.linalg.eigh(self.g.mat)
         self.basis = {"q_a": q_a, "l_a": l_a.clamp_min(0), "q_g": q_g, "l_g": l_g.clamp_min(0)}
@@ -95,7 +102,7 @@ class EKFACPreconditioner(KFACPreconditioner):
         changed = self._refresh_basis(info.step)
         if self.opts["scaling"] != "refit" or self.basis is None:
             return
-        if changed or self.g.stats_due(info.step):
+        if self.g.stats_due(info.step):
             batch = self._batch_scale(stats.current)
             good = info.ok & torch.isfinite(batch).all()
             keep = torch.zeros_like(self.scale_seen) if changed else self.scale_seen
@@ -129,7 +136,8 @@ class EKFACPreconditioner(KFACPreconditioner):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "basis": self.basis, "scale": self.scale,
-                "scale_seen": self.scale_seen, "lam": self.lam, "gammas": list(self.gammas)}
+                "scale_seen": self.scale_seen, "lam": self.lam, "gammas": list(self.gammas),
+                "basis_pending": self._basis_pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -142,3 +150,4 @@ class EKFACPreconditioner(KFACPreconditioner):
         self.lam = float(state["lam"])
         self.gammas = tuple(g.to(dev).clone() if isinstance(g, Tensor) else float(g)
                             for g in state["gammas"])
+        self._basis_pending = bool(state.get("basis_pending", False))
