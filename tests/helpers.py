@@ -89,3 +89,18 @@ def flat_state(obj, prefix: str = "") -> dict:
     else:
         out[prefix] = obj
     return out
+
+
+def assert_resumes_exactly(opt, model, twin, build, data, steps: int = 3) -> None:
+    """A fresh optimizer ``build(twin)`` loaded from ``opt``'s checkpoint (``twin`` a copy of
+    ``model``'s weights) takes the same next ``steps`` steps on ``data``, bit for bit."""
+    twin.load_state_dict(model.state_dict())
+    opt2 = build(twin)
+    opt2.load_state_dict(opt.state_dict())
+    for _ in range(steps):
+        xb, yb = next(data)
+        opt.step(make_closure(opt, model, xb, yb))
+        opt2.step(make_closure(opt2, twin, xb, yb))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+

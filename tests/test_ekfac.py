@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfqn
-from helpers import batches, make_closure, quiet, small_cnn, teacher_data
+from helpers import assert_resumes_exactly, batches, make_closure, quiet, small_cnn, teacher_data
 
 F64 = torch.float64
 
@@ -95,17 +95,8 @@ def test_ekfac_trains_a_cnn_and_resumes_exactly():
     for _ in range(12):
         opt.step(make_closure(opt, model, *next(data)))
     assert float(F.cross_entropy(model(x), y).detach()) < 0.95 * first
-    state = opt.state_dict()
-    twin = small_cnn()
-    twin.load_state_dict(model.state_dict())
-    opt2 = _opt(twin, "ekfac", lr=0.1)
-    opt2.load_state_dict(state)
-    for _ in range(4):
-        xb, yb = next(data)
-        opt.step(make_closure(opt, model, xb, yb))
-        opt2.step(make_closure(opt2, twin, xb, yb))
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_resumes_exactly(opt, model, small_cnn(), lambda m: _opt(m, "ekfac", lr=0.1), data,
+                           steps=4)
 
 
 def test_ekfac_is_registered_from_its_own_file():

@@ -1,6 +1,7 @@
 """Each preset's 20-step trajectory on one fixed model: recorded before the preconditioner
-redesign (tests/data/trajectories_before.pt) and compared bit for bit by
-tests/test_trajectories.py. ``python tests/trajectories.py`` re-records the file."""
+redesign (tests/data/trajectories_before.pt, made at commit 8612757 with this file:
+``git worktree add /tmp/before 8612757 && PYTHONPATH=/tmp/before python tests/trajectories.py``)
+and compared bit for bit by tests/test_trajectories.py."""
 from __future__ import annotations
 
 import sys
@@ -30,7 +31,17 @@ def fixed_data(n: int = 48):
 
 
 def trajectory(preset: str) -> list[torch.Tensor]:
-    """The flat parameter vector after each of STEPS steps (batches of 16, warm start first)."""
+    """The flat parameter vector after each of STEPS steps (batches of 16, warm start first),
+    on one thread (BLAS sums in another order with more threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _trajectory(preset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _trajectory(preset: str) -> list[torch.Tensor]:
     import warnings
 
     import kfqn

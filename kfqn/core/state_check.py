@@ -92,3 +92,14 @@ def clone_tree(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(clone_tree(v) for v in obj)
     return obj
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested state dict."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

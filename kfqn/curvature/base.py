@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Component
+from kfqn.core.state_check import tensor_bytes
 from kfqn.layers.base import LayerAdapter
 from kfqn.layers.capture import Capture
 
@@ -101,18 +102,7 @@ class _Estimator(Component):
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state by this estimator."""
-        total = 0
-
-        def visit(obj: Any) -> None:
-            nonlocal total
-            if isinstance(obj, Tensor):
-                total += obj.numel() * obj.element_size()
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    visit(v)
-
-        visit(self.state_dict())
-        return total
+        return tensor_bytes(self.state_dict())
 
 
 class WarmStartSum:

@@ -32,21 +32,11 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Component
+from kfqn.core.state_check import tensor_bytes
 from kfqn.curvature.base import LayerContext, StepInfo
 
 #: the statistics a preconditioner may declare in :attr:`LayerPreconditioner.needs`
 STATISTICS = ("grad_outputs", "sampled_grads", "trial")
-
-
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a nested state dict."""
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 class LayerPreconditioner(Component):
@@ -123,3 +113,40 @@ class LayerPreconditioner(Component):
     def state_bytes(self) -> int:
         """Bytes held in optimizer state by this layer's factors."""
         return tensor_bytes(self.state_dict())
+
+
+class TwoSidedPreconditioner(LayerPreconditioner):
+    """A preconditioner made of an input side ``self.a`` (H_a) and an output side ``self.g``
+    (H_g), each with ``prepare(cap, info)``, ``apply_t``, ``stats``, ``factors``,
+    ``state_dict`` and ``load_state_dict``: P = -H_g Mhat H_a, G side prepared first. The
+    subclass builds the two sides (estimators, or its own factor objects)."""
+
+    a: Any
+    g: Any
+
+    def warm_accumulate(self, inp: Tensor) -> None:
+        self.a.warm_accumulate(inp)
+
+    def warm_finish(self, lam_a: float) -> None:
+        self.a.warm_finish(lam_a)
+
+    def prepare(self, stats: Any, info: StepInfo) -> None:
+        self.g.prepare(stats.current, info)
+        self.a.prepare(stats.current, info)
+
+    def precondition_t(self, mt: Tensor) -> Tensor:
+        return self.a.apply_t(self.g.apply_t(mt))
+
+    def stats(self) -> dict[str, Tensor]:
+        return {**self.a.stats(), **self.g.stats()}
+
+    def factors(self) -> dict[str, Tensor]:
+        return {**self.a.factors(), **self.g.factors()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a.load_state_dict(state["a"])
+        self.g.load_state_dict(state["g"])
+

@@ -41,7 +41,7 @@ from kfqn.curvature.counter_rng import CounterRNG
 from kfqn.curvature.kfac_factor import CADENCE_OPTIONS, KFACFactorMixin
 from kfqn.curvature.output_losses import LOSSES, REDUCTIONS, OutputLoss
 from kfqn.layers.capture import Capture
-from kfqn.preconditioners.base import LayerPreconditioner
+from kfqn.preconditioners.base import TwoSidedPreconditioner
 
 OPTIONS = {
     **CADENCE_OPTIONS,
@@ -195,7 +195,7 @@ class _OutputFactor(KFACFactorMixin, GEstimator):
 
 
 @register("preconditioner")
-class KFACPreconditioner(LayerPreconditioner):
+class KFACPreconditioner(TwoSidedPreconditioner):
     name = "kfac"
     description = ("K-FAC: EMA of abar abar^T and g g^T (true / empirical / exact Fisher), "
                    "(F + gamma I)^-1 every T2 steps, pi-split")
@@ -234,31 +234,3 @@ class KFACPreconditioner(LayerPreconditioner):
 
     def output_cotangents(self, output: Tensor) -> Tensor:
         return self.g.output_cotangents(output)
-
-    # -- the step ----------------------------------------------------------------------------
-    def warm_accumulate(self, inp: Tensor) -> None:
-        self.a.warm_accumulate(inp)
-
-    def warm_finish(self, lam_a: float) -> None:
-        self.a.warm_finish(lam_a)
-
-    def prepare(self, stats: Any, info: StepInfo) -> None:
-        self.g.prepare(stats.current, info)
-        self.a.prepare(stats.current, info)
-
-    def precondition_t(self, mt: Tensor) -> Tensor:
-        return self.a.apply_t(self.g.apply_t(mt))
-
-    # -- reporting and checkpoints -------------------------------------------------------------
-    def stats(self) -> dict[str, Tensor]:
-        return {**self.a.stats(), **self.g.stats()}
-
-    def factors(self) -> dict[str, Tensor]:
-        return {**self.a.factors(), **self.g.factors()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.a.load_state_dict(state["a"])
-        self.g.load_state_dict(state["g"])

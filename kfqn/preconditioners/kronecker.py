@@ -19,11 +19,11 @@ from torch import Tensor
 
 from kfqn.core.components import register
 from kfqn.curvature.base import LayerContext, StepInfo
-from kfqn.preconditioners.base import LayerPreconditioner
+from kfqn.preconditioners.base import TwoSidedPreconditioner
 
 
 @register("preconditioner")
-class KroneckerPreconditioner(LayerPreconditioner):
+class KroneckerPreconditioner(TwoSidedPreconditioner):
     name = "kronecker"
     description = "H_a (x) H_g from the a_side and g_side estimators (K-BFGS family)"
     options: dict = {}
@@ -56,19 +56,6 @@ class KroneckerPreconditioner(LayerPreconditioner):
     def output_cotangents(self, output: Tensor) -> Tensor:
         return self.g.output_cotangents(output)
 
-    def warm_accumulate(self, inp: Tensor) -> None:
-        self.a.warm_accumulate(inp)
-
-    def warm_finish(self, lam_a: float) -> None:
-        self.a.warm_finish(lam_a)
-
-    def prepare(self, stats: Any, info: StepInfo) -> None:
-        self.g.prepare(stats.current, info)
-        self.a.prepare(stats.current, info)
-
-    def precondition_t(self, mt: Tensor) -> Tensor:
-        return self.a.apply_t(self.g.apply_t(mt))
-
     def after_move(self, stats: Any, info: StepInfo) -> None:
         self.a.after_step(stats.current, info)
 
@@ -80,22 +67,12 @@ class KroneckerPreconditioner(LayerPreconditioner):
         self.g.after_step(stats.current, info)
 
     def stats(self) -> dict[str, Tensor]:
-        out = {**self.a.stats(), **self.g.stats()}
+        out = super().stats()
         for side, est in (("a", self.a), ("g", self.g)):
             factor_stats = getattr(getattr(est, "factor", None), "stats", None)
             if factor_stats is not None:  # resets of a factor that became non-finite
                 out.update({f"{side}_{k}": v for k, v in factor_stats().items()})
         return out
-
-    def factors(self) -> dict[str, Tensor]:
-        return {**self.a.factors(), **self.g.factors()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.a.load_state_dict(state["a"])
-        self.g.load_state_dict(state["g"])
 
     def state_bytes(self) -> int:
         return self.a.state_bytes() + self.g.state_bytes()

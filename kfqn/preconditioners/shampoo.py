@@ -28,7 +28,7 @@ from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import LayerContext, StepInfo
 from kfqn.layers.capture import Capture
-from kfqn.preconditioners.base import LayerPreconditioner
+from kfqn.preconditioners.base import TwoSidedPreconditioner
 
 OPTIONS: dict[str, Option | Sub] = {
     "beta": Option(1.0, "1 = running sum (Shampoo); < 1 = EMA with this decay", type=float,
@@ -118,7 +118,7 @@ class _Side:
 
 
 @register("preconditioner")
-class ShampooPreconditioner(LayerPreconditioner):
+class ShampooPreconditioner(TwoSidedPreconditioner):
     name = "shampoo"
     description = ("Shampoo [Gupta et al. 2018]: (sum Mbar Mbar^T + eps I)^(-1/4) Mhat "
                    "(sum Mbar^T Mbar + eps I)^(-1/4), SGD grafting")
@@ -130,10 +130,6 @@ class ShampooPreconditioner(LayerPreconditioner):
         self._stats: dict[str, Tensor] = {}
         self.a = _Side(ctx, self.opts, "a", self._stats)
         self.g = _Side(ctx, self.opts, "g", self._stats)
-
-    def prepare(self, stats: Any, info: StepInfo) -> None:
-        self.g.prepare(stats.current, info)
-        self.a.prepare(stats.current, info)
 
     def precondition_t(self, mt: Tensor) -> Tensor:
         m = mt.T
@@ -148,13 +144,3 @@ class ShampooPreconditioner(LayerPreconditioner):
 
     def stats(self) -> dict[str, Tensor]:
         return dict(self._stats)
-
-    def factors(self) -> dict[str, Tensor]:
-        return {**self.a.factors(), **self.g.factors()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"a": self.a.state_dict(), "g": self.g.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.a.load_state_dict(state["a"])
-        self.g.load_state_dict(state["g"])
