@@ -1,189 +1,234 @@
-"""First-order rule for parameters outside preconditioned layers (docs/algorithms.md §3).
+"""First-order rules for parameters outside preconditioned layers (docs/algorithms.md §3).
 
-``momentum``: the same momentum direction, momentum form, weight decay and learning rate as the
-preconditioned layers, without preconditioning. Non-finite steps leave parameters and buffers
-unchanged (selected on the device).
+``momentum`` (here), ``adam`` and ``rmsprop``: each holds the parameters given to it as
+(name, parameter, param_group) entries and takes the param group's lr, momentum and
+weight_decay at every step (LR schedulers act on the kfqn optimizer's param groups).
 
-Speed (shared by every fallback rule, see :class:`Fallback`): parameters that torch's fused
-optimizer kernels take (float32/float64, dense and contiguous, ``torch._fused_adam_``,
-``_fused_adamw_`` and ``_fused_sgd_`` on this device) are updated by those kernels, one pass over
-each tensor in place and no temporaries, as in ``torch.optim.Adam(fused=True)``. Skipping a step
-stays on the device and branch-free:
+The step goes through ``torch.optim``: ``momentum`` is ``torch.optim.SGD``, ``adam`` is
+``torch.optim.Adam`` / ``AdamW``, each with ``fused=True`` where this torch has the fused
+kernels for the device and dtype (probed once); torch's RMSprop has neither the EMA momentum
+form nor a fused kernel, so ``rmsprop`` is a short ``torch._foreach_*`` implementation.
 
-* the kernels' own ``found_inf`` flag leaves a skipped parameter and its state bit for bit
-  untouched; ``ok`` false skips every parameter. The flag holds for a whole call, so each
-  parameter has its own call (on CUDA one launch per parameter, which costs more than
-  torch.optim's few multi-tensor launches for many small parameters);
-* whether a parameter's step could be non-finite is decided *before* it is taken, from the
-  2-norms of gradient and parameter (one ``torch._foreach_norm`` over both) and bounds of the
-  state's 2-norms that the rule carries along (:meth:`Fallback.track`: the triangle inequality
-  after a fused step, exact norms after anything else). A 2-norm bounds every |element|, so
-  bounds of every new state element and direction element below ``finfo(dtype).max / 16``
-  prove them finite, and the step is taken whole (the carried bounds' own rounding, a factor
-  of about 1 + 4 eps / (1 - beta), stays far inside that 16). Beyond that (in float32, gradient
-  norms around 1e18 and more) the parameter's step and state update are skipped, also where
-  the exact path might still have found a finite direction: conservative. The bounds are loose
-  on purpose: a few vector operations per step, whatever the number of parameters. State
-  changed in place from outside (through ``state_dict()``'s tensors) is not seen by the carried
-  bounds; load it with ``load_state_dict``.
+Skipped steps, on the device and branch-free, without a host read. One flag decides the whole
+step:
 
-Everything else (other dtypes or layouts, an eps too small for the bound, centred RMSprop,
-momentum 0, a torch without the kernels) takes the exact path: the new state and the direction
-are computed out of place, and a direction with a non-finite element skips that parameter.
-``Fallback.fast_path = False`` forces the exact path (the tests compare both).
+    skip = ~ok | ~(largest 2-norm of a gradient <= bound)     (one ``_foreach_norm`` per bucket)
+
+A 2-norm bounds every |element|; it is NaN or inf where an element is, and inf where the
+squares overflow, all of which fail the comparison. ``bound`` (per rule, param group and dtype:
+:meth:`Fallback.bound`) keeps every state element and the step of an accepted step finite: the
+squares of the gradient (Adam's and RMSprop's v) below ``finfo.max``, and the step below it too
+(see each rule). A finite gradient beyond the bound (float32, Adam: about 3e18) skips the
+whole step: it would make v infinite (which freezes the parameter) or the step overflow. The
+bounds assume parameters and states well inside the dtype's range (the rule's own steps keep
+them there); they leave a factor 32 of room for weight decay and rounding. The fused kernels
+take the flag as ``found_inf`` (``torch.amp.GradScaler``'s mechanism): a skipped step leaves
+parameters, moments and torch's step counts bit for bit unchanged. Without the fused kernels
+(``use_fused``, a torch before 2.4 on CPU, torch 2.13's CPU SGD for float16 and bfloat16:
+:func:`fused_supported`) the plain torch.optim step runs and every tensor
+it touched is put back where the flag is set (Adam's CPU step counts: one device read).
+
+Not torch's own first steps: torch.optim's fused SGD takes its first step while no parameter
+has a buffer yet (and leaves uninitialised buffers when that step is skipped, or fails when a
+parameter without a gradient then gets one), so the rule always gives SGD its buffers.
+
+State (checkpoint, keyed by parameter name) is the rule's own tensors, shared with the
+torch.optim state (updated in place; loading copies into them). Counters (accepted steps t,
+momentum ``started``) are one device vector per rule, saved per name as 0-dim tensors.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from kfqn.core.components import Component
-from kfqn.core.momentum import initial_started, momentum_update
+from kfqn.core.momentum import initial_started
 
 Entry = tuple[str, nn.Parameter, dict]
 
-#: dtypes of the fused path (its overflow bound is written for IEEE single and double)
-FAST_DTYPES = (torch.float32, torch.float64)
-#: an eps below this takes the exact path: the bound |direction| <= |numerator| / eps would skip
-#: steps with large but harmless gradients
-MIN_FAST_EPS = 1.0e-16
+#: room left below ``finfo(dtype).max`` by the bounds (weight decay inside the gradient,
+#: rounding, the parameter itself)
+HEADROOM = 32.0
 
 
 def limit(dtype: torch.dtype) -> float:
-    """Largest bound of a state or direction element that the fused path accepts."""
-    return torch.finfo(dtype).max / 16
+    """Largest state or step element the bounds allow."""
+    return torch.finfo(dtype).max / HEADROOM
 
 
-def fast_layout(p: Tensor, g: Tensor, state: Sequence[Tensor]) -> bool:
-    """Whether parameter, gradient and state (made by the rule: same dtype and device as ``p``)
-    are laid out as the fused kernels read them."""
-    return (p.dtype in FAST_DTYPES and g.dtype == p.dtype and g.layout == torch.strided
-            and g.device == p.device and p.is_contiguous() and g.is_contiguous()
-            and all(s.is_contiguous() for s in state))
+def eps_for(eps: float, dtype: torch.dtype) -> float:
+    """eps as used for parameters of ``dtype``: at least the dtype's smallest normal number (so
+    that eps = 0 never gives 0 / 0, and a float16 step stays inside float16's range)."""
+    return max(float(eps), torch.finfo(dtype).tiny)
 
 
 @functools.lru_cache(maxsize=None)
-def fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch has the fused Adam, AdamW and SGD kernels (with ``found_inf``) and
-    ``_foreach_norm`` for ``dtype`` on ``device`` (CPU: torch >= 2.4). Probed once, on
-    one-element tensors, with the skip flag set."""
+def fused_supported(cls: type, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``cls(..., fused=True)`` steps ``dtype`` parameters on ``device``, takes
+    ``found_inf`` and agrees with torch's plain step. Probed once, as the rules use it (SGD given
+    its buffer): 67 elements (vector body and tail), a skipped step, then two steps. (torch
+    2.13's CPU fused SGD is wrong for float16 and bfloat16: buffers of inf, elements not
+    updated; CPU needs torch >= 2.4.)"""
+    out = []
     try:
-        x = [torch.zeros(1, dtype=dtype, device=device) for _ in range(4)]
-        step = torch.ones((), dtype=torch.float32, device=device)
-        skip = torch.ones((), dtype=torch.float32, device=device)
-        for kernel in (torch._fused_adam_, torch._fused_adamw_):
-            kernel([x[0]], [x[1]], [x[2]], [x[3]], [], [step], lr=0.1, beta1=0.9, beta2=0.9,
-                   weight_decay=0.1, eps=1e-8, amsgrad=False, maximize=False, grad_scale=None,
-                   found_inf=skip)
-        for first in (True, False):
-            torch._fused_sgd_([x[0]], [x[1]], [x[2]], weight_decay=0.1, momentum=0.9, lr=0.1,
-                              dampening=0.0, nesterov=False, maximize=False,
-                              is_first_step=first, grad_scale=None, found_inf=skip)
-        torch._fused_sgd_([x[0]], [x[1]], [], weight_decay=0.1, momentum=0.0, lr=0.1,
-                          dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-                          grad_scale=None, found_inf=skip)
-        torch._foreach_norm(x, 2)
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError, ValueError):
+        for fused in (True, False):
+            p = torch.linspace(-1.0, 1.0, 67, device=device).to(dtype).requires_grad_()
+            kw = {"momentum": 0.5} if issubclass(cls, torch.optim.SGD) else {"eps": 1e-3}
+            opt = cls([p], lr=0.1, **kw, **({"fused": True} if fused else {"foreach": False}))
+            if issubclass(cls, torch.optim.SGD):
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            for skip in (1.0, 0.0, 0.0):
+                p.grad = torch.linspace(0.5, 1.5, 67, device=device).to(dtype)
+                p.grad[1::2] *= -1.0
+                if fused:
+                    opt.found_inf = torch.full((), skip, device=device)
+                if fused or not skip:
+                    opt.step()
+            out.append(p.detach().to("cpu", torch.float64))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError):
         return False
-    return True
+    return bool(torch.allclose(out[0], out[1], rtol=0.0, atol=1e-2))
 
 
-def kernel_steps(t: Tensor, bias_correction: bool) -> list[Tensor]:
-    """The fused kernels' per-parameter step counts for the accepted-step counts ``t`` (a long
-    vector): t + 1 as float32 with bias correction, else :func:`no_bias_correction_step`."""
-    if bias_correction:
-        return list((t + 1).to(torch.float32).unbind(0))
-    return [no_bias_correction_step(t.device)] * t.numel()
+def full(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor of ``like``'s dtype and device (filled on the device, no copy)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
-@functools.lru_cache(maxsize=None)
-def no_bias_correction_step(device: torch.device) -> Tensor:
-    """A step count for the fused kernels at which beta^t = 0 for every beta < 1: their bias
-    corrections 1 - beta^t are then 1 (off)."""
-    return torch.full((), 1.0e30, dtype=torch.float32, device=device)
-
-
-def norms(*lists: Sequence[Tensor]) -> list[Tensor]:
-    """For each list, the 2-norms of its tensors as one vector (one ``_foreach_norm`` call for
-    all lists). A 2-norm bounds every |element|; it is inf or NaN where an element is (or where
-    the squares overflow, which the bounds then treat as too large)."""
-    flat = [t for ts in lists for t in ts]
-    return list(torch.stack(torch._foreach_norm(flat, 2)).split([len(ts) for ts in lists]))
-
-
-def admissible(ok: Tensor, bounds: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """Per parameter: ``ok`` and every bound at most :func:`limit` (inf and NaN fail)."""
-    worst = torch.stack(bounds).amax(0)
-    return (worst <= limit(dtype)) & ok.to(worst.device)
-
-
-def skip_flags(run: Tensor) -> tuple[Tensor, ...]:
-    """One 0-dim float32 ``found_inf`` per parameter: 1 where a kernel leaves it untouched."""
-    return torch.where(run, 0.0, 1.0).to(torch.float32).unbind(0)
+def pick(flag: Tensor, on: float, off: float, like: Tensor) -> Tensor:
+    """``on`` where ``flag`` else ``off``, in ``like``'s dtype (exactly: no float32 detour)."""
+    return torch.where(flag.to(like.device), full(on, like), full(off, like))
 
 
 class Fallback(Component):
-    """Base: updates a list of (name, parameter, param_group) entries."""
+    """Base: the entries' buckets (param group, dtype, device), the skip flag, the counters,
+    and the torch.optim optimizer of a rule that has one."""
 
-    #: take the fused kernels where they apply (False: the exact path for every parameter)
-    fast_path = True
+    #: take torch's fused kernels where they exist (False: the plain torch.optim step, put
+    #: back where skipped; the tests compare both)
+    use_fused = True
 
-    def __init__(self, entries: list[tuple[str, nn.Parameter, dict]], config: Mapping[str, Any],
+    def __init__(self, entries: list[Entry], config: Mapping[str, Any],
                  options: Mapping[str, Any]) -> None:
         self.entries = entries
         self.config = config
         self.opts = dict(options)
+        self.names = [n for n, _, _ in entries]
+        self.device = entries[0][1].device if entries else torch.device("cpu")
+        for name, p, _ in entries:
+            if not p.is_floating_point():
+                raise TypeError(f"first-order fallback {self.name!r}: parameter {name!r} is "
+                                f"{p.dtype}; only real floating-point parameters are supported")
+        buckets: dict[tuple, tuple[dict, torch.dtype, list[int]]] = {}
+        for i, (_, p, group) in enumerate(entries):
+            buckets.setdefault((id(group), p.dtype, p.device), (group, p.dtype, []))[2].append(i)
+        #: (param group, dtype, entry indices): one torch.optim param group each
+        self.buckets = list(buckets.values())
+        self._present: dict[tuple[bool, ...], tuple[list[list[int]], Tensor | None]] = {}
+        self.opt: torch.optim.Optimizer | None = None
+        self.fused = True
 
-    def split(self, rule_fits: Callable[[dict], bool], state: Callable[[str], Sequence[Tensor]]
-              ) -> tuple[list[list[Entry]], list[Entry]]:
-        """Entries with a gradient: buckets for the fused path (one per param group, device and
-        dtype) and the rest, for the exact path. ``rule_fits(group)``: the rule's settings for
-        that group fit the fused path; ``state(name)``: the parameter's state tensors."""
-        buckets: dict[tuple, list[Entry]] = {}
-        exact: list[Entry] = []
-        fits: dict[int, bool] = {}
-        for entry in self.entries:
-            name, p, group = entry
-            g = p.grad
-            if g is None:
-                continue
-            key = id(group)
-            if key not in fits:
-                fits[key] = self.fast_path and rule_fits(group)
-            if (fits[key] and fast_layout(p, g, state(name))
-                    and fused_kernels(p.device, p.dtype)):
-                buckets.setdefault((key, p.device, p.dtype), []).append(entry)
-            else:
-                exact.append(entry)
-        return list(buckets.values()), exact
+    # -- the rule ------------------------------------------------------------------------------
+    def bound(self, group: dict, dtype: torch.dtype) -> float:
+        """Largest |gradient element| whose step keeps state and parameters finite."""
+        raise NotImplementedError
 
-    def track(self, state: Mapping[str, dict[str, Tensor]]) -> None:
-        """Carry a bound of the 2-norm of each of these state tensors (kind -> name -> tensor:
-        the rule's own dicts, which it keeps updating)."""
-        self.tracked = dict(state)
-        self.bounds: dict[str, dict[str, Tensor]] = {kind: {} for kind in self.tracked}
+    def settings(self, group: dict, dtype: torch.dtype) -> dict[str, Any]:
+        """The torch.optim param group's hyper-parameters for this kfqn param group."""
+        raise NotImplementedError
 
-    def forget_bounds(self, names: Sequence[str]) -> None:
-        """These parameters' state changed outside the fused path (exact path, checkpoint): their
-        bounds are recomputed, as exact norms, when next needed."""
-        for bounds in self.bounds.values():
-            for name in names:
-                bounds.pop(name, None)
+    # -- shared machinery ----------------------------------------------------------------------
+    def counter(self, initial: Tensor) -> Tensor:
+        """One counter per entry, on the device (``initial``: a 0-dim value)."""
+        return initial.to(self.device).expand(len(self.entries)).clone()
 
-    def state_bounds(self, kind: str, names: Sequence[str]) -> Tensor:
-        """The carried bounds of the 2-norms of one kind of state, as a vector."""
-        bounds, tensors = self.bounds[kind], self.tracked[kind]
-        return torch.stack([bounds[n] if n in bounds else torch.linalg.vector_norm(tensors[n])
-                            for n in names])
+    def present(self) -> tuple[list[list[int]], Tensor | None]:
+        """Per bucket, the indices of entries with a gradient; and their mask over all entries
+        (None: every entry has one). Cached per pattern: no host-to-device copy per step."""
+        key = tuple(p.grad is not None for _, p, _ in self.entries)
+        if key not in self._present:
+            idx = [[i for i in b if key[i]] for _, _, b in self.buckets]
+            mask = None if all(key) else torch.tensor(key, device=self.device)
+            self._present[key] = (idx, mask)
+        return self._present[key]
 
-    def keep_bounds(self, kind: str, names: Sequence[str], old: Tensor, new: Tensor,
-                    run: Tensor) -> None:
-        """After a fused step: ``new`` where it ran, ``old`` where it was skipped."""
-        for name, bound in zip(names, torch.where(run, new, old).unbind(0)):
-            self.bounds[kind][name] = bound
+    def skip_flag(self, ok: Tensor, present: list[list[int]]) -> Tensor:
+        """0-dim bool on the device: ``ok`` is false, or a gradient element is non-finite or
+        beyond its bucket's :meth:`bound`."""
+        skip = ~ok.to(self.device)
+        for (group, dtype, _), idx in zip(self.buckets, present):
+            if idx:
+                grads = [self.entries[i][1].grad for i in idx]
+                norms = torch.stack(torch._foreach_norm(grads, 2))   # >= every |element|
+                skip = skip | ~(norms.max() <= self.bound(group, dtype)).to(self.device)
+        return skip
+
+    def make_optimizer(self, cls: type, state: Callable[[str, Tensor], dict[str, Tensor]]
+                       ) -> None:
+        """``cls`` over the entries, one param group per bucket, its state set to the rule's
+        tensors (``state(name, parameter)``), fused where every bucket allows it."""
+        if not self.entries:
+            return
+        self.fused = self.use_fused and all(
+            fused_supported(cls, self.entries[b[0]][1].device, dtype)
+            for _, dtype, b in self.buckets)
+        groups = [{"params": [self.entries[i][1] for i in b], **self.settings(group, dtype)}
+                  for group, dtype, b in self.buckets]
+        kw = {"fused": True} if self.fused else {"foreach": False}
+        self.opt = cls(groups, **kw)
+        for name, p, _ in self.entries:
+            self.opt.state[p] = state(name, p)
+
+    def torch_step(self, skip: Tensor) -> None:
+        """The torch.optim step with the group settings of now, skipped where ``skip``."""
+        for tg, (group, dtype, _) in zip(self.opt.param_groups, self.buckets):
+            tg.update(self.settings(group, dtype))
+        if self.fused:
+            self.opt.found_inf = skip.to(torch.float32)
+            self.opt.step()
+            return
+        touched = [p for _, p, _ in self.entries if p.grad is not None]
+        touched += [t for p in touched for t in self.opt.state[p].values()
+                    if isinstance(t, Tensor)]
+        saved = [t.clone() for t in touched]
+        self.opt.step()
+        for t, s in zip(touched, saved):
+            t.copy_(torch.where(skip.to(t.device), s, t))
+
+    def count(self, counter: Tensor, run: Tensor, mask: Tensor | None) -> None:
+        """counter += run (or |= run) for the entries that had a gradient."""
+        add = run if mask is None else run & mask
+        if counter.dtype == torch.bool:
+            counter |= add
+        else:
+            counter += add
+
+    def counter_state(self, counter: Tensor) -> dict[str, Tensor]:
+        """Per name, a 0-dim view of the counter (updated in place, as every state tensor)."""
+        return dict(zip(self.names, counter.unbind(0)))
+
+    def load_counter(self, counter: Tensor, saved: Mapping[str, Any]) -> None:
+        counter.copy_(torch.stack([torch.as_tensor(saved[n]).to(counter) for n in self.names])
+                      if self.names else counter)
+
+    @staticmethod
+    def load_tensors(mine: Mapping[str, Tensor], saved: Mapping[str, Tensor],
+                     names: Iterable[str]) -> None:
+        """Copy a checkpoint's tensors into the rule's own (in place: torch.optim holds them)."""
+        for name in names:
+            if name not in saved:
+                raise KeyError(name)
+            if tuple(saved[name].shape) != tuple(mine[name].shape):
+                raise ValueError(f"{name}: shape {tuple(saved[name].shape)} in the checkpoint, "
+                                 f"{tuple(mine[name].shape)} here")
+            mine[name].copy_(saved[name])
+
+    @staticmethod
+    def nbytes(*states: Mapping[str, Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for d in states for t in d.values())
 
     @torch.no_grad()
     def step(self, ok: Tensor) -> None:
@@ -197,83 +242,68 @@ class Fallback(Component):
 
 
 class MomentumFallback(Fallback):
+    """``torch.optim.SGD``: buffer b <- rho b + c G (G = grad + tau theta with weight decay
+    inside), theta <- theta - lr b, with c = 1 - rho ('ema': SGD's dampening = rho) or 1
+    ('torch': dampening 0). ``momentum_init: zero``: b starts at zero and counts as started
+    (SGD's buffer is given, so SGD never takes its own first step); ``first``: the first
+    accepted step sets b = G. In the 'torch' form that is rho * 0 + G = G exactly; in the 'ema'
+    form b is set to G before the step (where not started), so b_1 = rho G + (1 - rho) G, G up
+    to one rounding. Weight decay outside: theta <- theta (1 - lr tau) first, then SGD's step.
+    Momentum 0: SGD keeps no buffer, b stays as it was.
+
+    Bound: |b| <= c B / (1 - rho) and the step lr |b| below :func:`limit`."""
+
     name = "momentum"
     description = "plain momentum direction with the group's lr, momentum and weight decay"
 
     def __init__(self, entries, config, options) -> None:
         super().__init__(entries, config, options)
-        self.buf: dict[str, Tensor] = {}
-        self.started: dict[str, Tensor] = {}
-        for name, p, _ in entries:
-            self.buf[name] = torch.zeros_like(p)
-            self.started[name] = initial_started(config, p.device)
-        self.track({"buf": self.buf})
+        self.ema = config["momentum_form"] == "ema"
+        self.inside = config["weight_decay_mode"] == "inside"
+        self.first = config.get("momentum_init", "zero") == "first"
+        self.buf: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p, _ in entries}
+        self.started = self.counter(initial_started(config, self.device))
+        self.make_optimizer(torch.optim.SGD, lambda n, p: {"momentum_buffer": self.buf[n]})
+
+    def settings(self, group: dict, dtype: torch.dtype) -> dict[str, Any]:
+        rho, wd = float(group["momentum"]), float(group["weight_decay"])
+        return {"lr": float(group["lr"]), "momentum": rho,
+                "dampening": 1.0 - (1.0 - rho) if self.ema else 0.0,
+                "weight_decay": wd if self.inside else 0.0}
+
+    def bound(self, group: dict, dtype: torch.dtype) -> float:
+        rho = float(group["momentum"])
+        growth = 1.0 if self.ema else 1.0 / (1.0 - rho)   # |b| <= growth * max |G|
+        return limit(dtype) / (growth * max(float(group["lr"]), 1.0))
 
     @torch.no_grad()
     def step(self, ok: Tensor) -> None:
-        buckets, exact = self.split(lambda group: 0.0 < float(group["momentum"]) < 1.0,
-                                    lambda name: (self.buf[name],))
-        for bucket in buckets:
-            self._step_fused(bucket, ok)
-        self._step_exact(exact, ok)
-
-    def _step_fused(self, bucket: list[Entry], ok: Tensor) -> None:
-        """``_fused_sgd_`` per parameter. 'torch' form: one call (a buffer that has not started
-        is zero, so rho * 0 + g = g). 'ema' form: two, the first accepted step (buffer = g)
-        and later ones; the skip flags let exactly one of them (or neither) run."""
-        names, ps = [n for n, _, _ in bucket], [p for _, p, _ in bucket]
-        group = bucket[0][2]
-        rho, wd, lr = float(group["momentum"]), float(group["weight_decay"]), float(group["lr"])
-        ema = self.config["momentum_form"] == "ema"
-        coef = 1.0 - rho if ema else 1.0
-        wd_in, wd_out = (wd, 0.0) if self.config["weight_decay_mode"] == "inside" else (0.0, wd)
-        grads, bufs = [p.grad for p in ps], [self.buf[n] for n in names]
-        g_n, p_n = norms(grads, ps if wd else [])
-        b_n = self.state_bounds("buf", names)
-        g_b = torch.add(g_n, p_n, alpha=wd_in) if wd_in else g_n   # |g + tau theta|
-        b_b = torch.add(b_n * rho, g_b, alpha=max(coef, 1.0))     # |new buffer|, also a start
-        d_b = torch.add(b_b, p_n, alpha=wd_out) if wd_out else b_b
-        run = admissible(ok, [g_b, b_b, d_b], ps[0].dtype)
-        self.keep_bounds("buf", names, b_n, b_b, run)
-        started = torch.stack([self.started[n] for n in names])
-        if wd_out:  # theta (1 - lr tau), then theta - lr buffer: theta + lr (-buffer - tau theta)
-            keep = torch.where(run, 1.0 - lr * wd_out, 1.0).to(ps[0].dtype)
-            torch._foreach_mul_(ps, list(keep.unbind(0)))
-        if ema:
-            calls = [(True, skip_flags(run & ~started)), (False, skip_flags(run & started))]
-        else:
-            calls = [(False, skip_flags(run))]
-        for is_first, skips in calls:
-            for p, g, buf, skip in zip(ps, grads, bufs, skips):
-                torch._fused_sgd_([p], [g], [buf], weight_decay=wd_in, momentum=rho, lr=lr,
-                                  dampening=1.0 - coef, nesterov=False, maximize=False,
-                                  is_first_step=is_first, grad_scale=None, found_inf=skip)
-        for n, s in zip(names, (started | run).unbind(0)):
-            self.started[n] = s
-
-    def _step_exact(self, entries: list[Entry], ok: Tensor) -> None:
-        form = self.config["momentum_form"]
-        inside = self.config["weight_decay_mode"] == "inside"
-        for name, p, group in entries:
-            wd = group["weight_decay"]
-            grad = p.grad + wd * p if (inside and wd) else p.grad
-            self.buf[name] = momentum_update(self.buf[name], grad, self.started[name],
-                                             group["momentum"], form, ok)
-            self.started[name] = self.started[name] | ok
-            direction = -self.buf[name]
-            if wd and not inside:
-                direction = direction - wd * p
-            good = ok & torch.isfinite(direction).all()
-            p.add_(torch.where(good, direction, torch.zeros_like(direction)), alpha=group["lr"])
-        self.forget_bounds([name for name, _, _ in entries])
+        present, mask = self.present()
+        if not any(present):
+            return
+        skip = self.skip_flag(ok, present)
+        run = ~skip
+        for (group, _, _), idx in zip(self.buckets, present):
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            ps = [self.entries[i][1] for i in idx]
+            if wd and not self.inside and ps:
+                torch._foreach_mul_(ps, pick(run, 1.0 - lr * wd, 1.0, ps[0]))
+            if self.first and self.ema and float(group["momentum"]):
+                for i in idx:
+                    name, p, _ = self.entries[i]
+                    g = p.grad + wd * p if (wd and self.inside) else p.grad
+                    keep = (self.started[i] | skip).to(p.device)
+                    self.buf[name].copy_(torch.where(keep, self.buf[name], g))
+        self.torch_step(skip)
+        self.count(self.started, run, mask)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"buf": dict(self.buf), "started": dict(self.started)}
+        return {"buf": dict(self.buf), "started": self.counter_state(self.started)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, _, _ in self.entries:
-            if name not in state["buf"]:
-                raise KeyError(name)
-            self.buf[name] = state["buf"][name].to(self.buf[name]).clone()
-            self.started[name] = state["started"][name].to(self.started[name].device).clone()
-        self.forget_bounds([name for name, _, _ in self.entries])
+        self.load_tensors(self.buf, state["buf"], self.names)
+        self.load_counter(self.started, state["started"])
+
+    def state_bytes(self) -> int:
+        """Bytes of the momentum buffers."""
+        return self.nbytes(self.buf)

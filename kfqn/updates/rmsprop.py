@@ -3,31 +3,42 @@
 
     g = grad + tau theta                            (weight_decay_mode 'inside')
     v <- alpha v + (1 - alpha) g^2                  (v = 0 at start)
-    [centered: mu <- alpha mu + (1 - alpha) g, v_used = v - mu^2]
+    [centered: mu <- alpha mu + (1 - alpha) g, v_used = max(v - mu^2, 0)]
     u = g / (sqrt(v_used [/ (1 - alpha^t)]) + eps)  (bias correction optional, off in torch)
     b <- momentum(b, u)                             (the group's momentum and momentum_form:
                                                      'torch' is torch's buffer, 'ema' P2's EMA)
     theta <- theta - alpha_lr b   [- alpha_lr tau theta with weight_decay_mode 'outside']
 
-With momentum 0 both momentum forms give b = u. P2's setting (docs/algorithms.md §4, (R)): alpha = 0.9,
-momentum 0.9 as an EMA; torch's defaults: alpha = 0.99, eps = 1e-8, momentum 0.
+With momentum 0 both momentum forms give b = u, which (as in torch) is not stored: the buffer
+keeps its value. P2's setting (docs/algorithms.md §4, (R)): alpha = 0.9, momentum 0.9 as an
+EMA; torch's defaults: alpha = 0.99, eps = 1e-8, momentum 0.
 
-Speed: float32/float64 parameters of the uncentred rule go through two of torch's fused kernels
-(see ``RMSpropFallback._step_fused``), with the overflow bound and per-parameter skip flags of
-:mod:`kfqn.updates.first_order`; centred RMSprop, an eps below ``MIN_FAST_EPS`` and other dtypes
-take the exact path.
+torch.optim.RMSprop has no EMA momentum form, no bias correction, no fused kernel and no
+``found_inf``, so the step is torch's foreach RMSprop written out with ``torch._foreach_*``
+operations in torch's order: the 'torch' form (momentum or none, centred or not) equals
+``torch.optim.RMSprop`` bit for bit (tests/test_first_order.py); the 'ema' form is
+b <- rho b + ((1 - rho) g) / denom. The skip flag of :mod:`kfqn.updates.first_order` enters
+branch-free: g is zeroed where the step is skipped (so every term it adds is 0) and the factors
+of v, mu, b and theta are 1 there, an exact no-op without a host read. eps is at least the
+dtype's smallest normal number.
+
+Bound on |g|: g^2 (v) below :func:`~kfqn.updates.first_order.limit`; |b| <= growth U (growth
+1 for 'ema', 1 / (1 - rho) for 'torch') and the step lr |b| below it too, where |u| <= U:
+uncentred, v >= (1 - alpha) g^2 gives |u| <= 1 / sqrt(1 - alpha) (2 / sqrt(1 - alpha) with
+room for rounding) unless (1 - alpha) g^2 is below the dtype's smallest normal number, where
+|u| <= |g| / eps is tiny; centred (v - mu^2 may vanish), |u| <= B / eps.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from kfqn.core.components import Option
-from kfqn.core.momentum import initial_started, momentum_update
-from kfqn.updates.first_order import (MIN_FAST_EPS, Entry, Fallback, admissible,
-                                       kernel_steps, norms, skip_flags)
+from kfqn.core.momentum import initial_started
+from kfqn.updates.first_order import Fallback, eps_for, full, limit, pick
 
 
 class RMSpropFallback(Fallback):
@@ -44,144 +55,107 @@ class RMSpropFallback(Fallback):
     def __init__(self, entries: list[tuple[str, nn.Parameter, dict]], config: Mapping[str, Any],
                  options: Mapping[str, Any]) -> None:
         super().__init__(entries, config, options)
-        self.v: dict[str, Tensor] = {}
-        self.mu: dict[str, Tensor] = {}
-        self.buf: dict[str, Tensor] = {}
-        self.started: dict[str, Tensor] = {}
-        self.t: dict[str, Tensor] = {}
-        for name, p, _ in entries:
-            self.v[name] = torch.zeros_like(p)
-            self.buf[name] = torch.zeros_like(p)
-            if self.opts.get("centered", False):
-                self.mu[name] = torch.zeros_like(p)
-            self.started[name] = initial_started(config, p.device)
-            self.t[name] = torch.zeros((), dtype=torch.long, device=p.device)
-        self.track({"v": self.v, "buf": self.buf})
+        self.ema = config["momentum_form"] == "ema"
+        self.inside = config["weight_decay_mode"] == "inside"
+        self.alpha = float(self.opts.get("alpha", 0.99))
+        self.centered = bool(self.opts.get("centered", False))
+        self.first = config.get("momentum_init", "zero") == "first"
+        self.v: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p, _ in entries}
+        self.mu: dict[str, Tensor] = ({n: torch.zeros_like(p) for n, p, _ in entries}
+                                      if self.centered else {})
+        self.buf: dict[str, Tensor] = {n: torch.zeros_like(p) for n, p, _ in entries}
+        self.started = self.counter(initial_started(config, self.device))
+        self.t = self.counter(torch.zeros((), dtype=torch.long))
+
+    def bound(self, group: dict, dtype: torch.dtype) -> float:
+        rho, lr = float(group["momentum"]), float(group["lr"])
+        eps = eps_for(self.opts.get("eps", 1e-8), dtype)
+        growth = (1.0 if self.ema else 1.0 / (1.0 - rho)) * max(lr, 1.0)
+        root = math.sqrt(limit(dtype))
+        if not self.centered:
+            u = max(2.0 / math.sqrt(1.0 - self.alpha),
+                    math.sqrt(torch.finfo(dtype).tiny / (1.0 - self.alpha)) / eps)
+            if growth * u <= limit(dtype):
+                return root
+        return min(root, limit(dtype) * eps / growth)
 
     @torch.no_grad()
     def step(self, ok: Tensor) -> None:
-        eps = float(self.opts.get("eps", 1e-8))
-        fast_rule = eps >= MIN_FAST_EPS and not self.opts.get("centered", False)
-        buckets, exact = self.split(
-            lambda group: fast_rule and 0.0 <= float(group["momentum"]) < 1.0,
-            lambda name: (self.v[name], self.buf[name]))
-        for bucket in buckets:
-            self._step_fused(bucket, ok)
-        self._step_exact(exact, ok)
+        present, mask = self.present()
+        if not any(present):
+            return
+        skip = self.skip_flag(ok, present)
+        run = ~skip
+        for (group, dtype, _), idx in zip(self.buckets, present):
+            if idx:
+                self._step(group, idx, run)
+        self.count(self.t, run, mask)
+        self.count(self.started, run, mask)
 
-    def _step_fused(self, bucket: list[Entry], ok: Tensor) -> None:
-        """The buffer update is AdamW's parameter update with beta1 = 0 applied to the buffer
-        b (``_fused_adamw_``, parameter := b, lr := -c, weight decay := (rho - 1) / c):
-
-            b <- b (1 - lr wd) - lr g / (sqrt(v / bc) + eps) = rho b + c u,
-            v <- alpha v + (1 - alpha) g^2                  (bc = 1 - alpha^t, or 1 at t = 1e30)
-
-        with c = 1 - rho ('ema') or 1 ('torch'). A buffer that has not started is zero, so the
-        'torch' form's first step is the same call (b = u); the 'ema' form's first accepted step
-        (b = u) is a second call with rho = 0, c = 1, and the skip flags let exactly one of the
-        two (or neither) run. The kernel's first moment (beta1 = 0) is a copy of g, written into
-        g itself where g is a temporary (weight decay inside), else into a zeroed scratch. Then
-        theta <- theta - lr (b + tau theta) is ``_fused_sgd_`` with momentum 0 and b as its
-        gradient."""
-        alpha, eps = float(self.opts.get("alpha", 0.99)), float(self.opts.get("eps", 1e-8))
-        names, ps = [n for n, _, _ in bucket], [p for _, p, _ in bucket]
-        group = bucket[0][2]
+    def _step(self, group: dict, idx: list[int], run: Tensor) -> None:
+        """torch's foreach RMSprop, each operation gated: g is zeroed where skipped (so that the
+        terms it adds vanish) and the factors of v, mu, b and theta are 1 there."""
+        names = [self.names[i] for i in idx]
+        ps = [self.entries[i][1] for i in idx]
+        like = ps[0]
         rho, wd, lr = float(group["momentum"]), float(group["weight_decay"]), float(group["lr"])
-        ema = self.config["momentum_form"] == "ema"
-        c = 1.0 - rho if ema else 1.0
-        inside = self.config["weight_decay_mode"] == "inside"
-        wd_in, wd_out = (wd, 0.0) if inside else (0.0, wd)
-        if wd_in:
-            grads = torch._foreach_add([p.grad for p in ps], ps, alpha=wd_in)
-            first_moments = grads
+        eps = eps_for(self.opts.get("eps", 1e-8), like.dtype)
+        skip = ~run.to(like.device)
+        if wd and self.inside:
+            gs = torch._foreach_add([p.grad for p in ps], ps, alpha=wd)
+            for g in gs:
+                g.masked_fill_(skip, 0.0)
         else:
-            grads = [p.grad for p in ps]
-            scratch = torch.zeros(sum(g.numel() for g in grads), dtype=ps[0].dtype,
-                                  device=ps[0].device)
-            first_moments = [x.view_as(g) for x, g in
-                             zip(scratch.split([g.numel() for g in grads]), grads)]
-        vs, bufs = [self.v[n] for n in names], [self.buf[n] for n in names]
-        g_n, p_n = norms(grads, ps if wd_out else [])
-        v_n, b_n = self.state_bounds("v", names), self.state_bounds("buf", names)
-        v_b = torch.addcmul(v_n * alpha, g_n, g_n, value=1.0 - alpha)   # |new v|
-        b_b = torch.add(b_n * rho, g_n, alpha=max(c, 1.0) / eps)        # |new b|: |u| <= |g|/eps
-        d_b = torch.add(b_b, p_n, alpha=wd_out) if wd_out else b_b
-        run = admissible(ok, [g_n, v_b, b_b, d_b], ps[0].dtype)
-        self.keep_bounds("v", names, v_n, v_b, run)
-        self.keep_bounds("buf", names, b_n, b_b, run)
-        t = torch.stack([self.t[n] for n in names])
-        steps = kernel_steps(t, self.opts.get("bias_correction", False))
-        started = torch.stack([self.started[n] for n in names])
-        skip_run = skip_flags(run)
-        if ema and rho:
-            passes = [(-1.0, -1.0, skip_flags(run & ~started)),
-                      (-c, (rho - 1.0) / c, skip_flags(run & started))]
-        else:
-            passes = [(-c, (rho - 1.0) / c, skip_run)]
-        for lr_b, wd_b, skips in passes:
-            for b, g, m, v, step, skip in zip(bufs, grads, first_moments, vs, steps, skips):
-                torch._fused_adamw_([b], [g], [m], [v], [], [step], lr=lr_b, beta1=0.0,
-                                    beta2=alpha, weight_decay=wd_b, eps=eps, amsgrad=False,
-                                    maximize=False, grad_scale=None, found_inf=skip)
-        for p, b, skip in zip(ps, bufs, skip_run):
-            torch._fused_sgd_([p], [b], [], weight_decay=wd_out, momentum=0.0, lr=lr,
-                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-                              grad_scale=None, found_inf=skip)
-        for n, count, s in zip(names, (t + run).unbind(0), (started | run).unbind(0)):
-            self.t[n] = count
-            self.started[n] = s
-
-    def _step_exact(self, entries: list[Entry], ok: Tensor) -> None:
-        form = self.config["momentum_form"]
-        inside = self.config["weight_decay_mode"] == "inside"
-        alpha, eps = float(self.opts.get("alpha", 0.99)), float(self.opts.get("eps", 1e-8))
-        centered = self.opts.get("centered", False)
-        for name, p, group in entries:
-            wd = float(group["weight_decay"])
-            grad = p.grad + wd * p if (inside and wd) else p.grad
-            t = self.t[name] + 1
-            v = alpha * self.v[name] + (1.0 - alpha) * grad * grad
-            used = v
-            mu = None
-            if centered:
-                mu = alpha * self.mu[name] + (1.0 - alpha) * grad
-                used = v - mu * mu
-            if self.opts.get("bias_correction", False):
-                used = used / (1.0 - torch.pow(alpha, t.to(torch.float64))).to(p.dtype)
-            u = grad / (used.sqrt() + eps)
-            good = ok & torch.isfinite(u).all()
-            buf = momentum_update(self.buf[name], u, self.started[name], float(group["momentum"]),
-                                  form, good)
-            direction = -buf
-            if wd and not inside:
-                direction = direction - wd * p
-            good = good & torch.isfinite(direction).all()
-            self.v[name] = torch.where(good, v, self.v[name])
-            if mu is not None:
-                self.mu[name] = torch.where(good, mu, self.mu[name])
-            self.buf[name] = torch.where(good, buf, self.buf[name])
-            self.started[name] = self.started[name] | good
-            self.t[name] = torch.where(good, t, self.t[name])
-            p.add_(torch.where(good, direction, torch.zeros_like(direction)), alpha=group["lr"])
-        self.forget_bounds([name for name, _, _ in entries])
+            gs = [p.grad.masked_fill(skip, 0.0) for p in ps]
+        vs = [self.v[n] for n in names]
+        torch._foreach_mul_(vs, pick(run, self.alpha, 1.0, like))
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - self.alpha)
+        used = vs
+        if self.centered:
+            mus = [self.mu[n] for n in names]
+            torch._foreach_lerp_(mus, gs, [pick(run, 1.0 - self.alpha, 0.0, like)] * len(mus))
+            used = torch._foreach_addcmul(vs, mus, mus, value=-1.0)
+            torch._foreach_clamp_min_(used, 0.0)   # v - mu^2 >= 0 but for rounding
+        if self.opts.get("bias_correction", False):
+            t = torch.stack([self.t[i] for i in idx]).to(like.device, torch.float64) + 1.0
+            used = torch._foreach_div(used, list((1.0 - self.alpha ** t).to(like.dtype)
+                                                 .unbind(0)))
+        denom = torch._foreach_sqrt(used)
+        torch._foreach_add_(denom, eps)
+        if wd and not self.inside:
+            torch._foreach_mul_(ps, pick(run, 1.0 - lr * wd, 1.0, like))
+        if not rho:  # b = u, no buffer kept (as torch): theta + (-lr g) / denom
+            torch._foreach_addcdiv_(ps, gs, denom, value=-lr)
+            return
+        bufs = [self.buf[n] for n in names]
+        c = 1.0 - rho if self.ema else 1.0
+        if not self.first:  # b <- rho b + c u (1 b + 0 where skipped)
+            torch._foreach_mul_(bufs, pick(run, rho, 1.0, like))
+            torch._foreach_addcdiv_(bufs, gs, denom, value=c)
+        else:  # per entry: k, c = rho, c started; 0, 1 at the first accepted step; 1, any skipped
+            started = self.started.to(like.device)
+            k = torch.where(run.to(like.device), torch.where(started, full(rho, like),
+                                                             full(0.0, like)),
+                            full(1.0, like)).unbind(0)
+            torch._foreach_mul_(bufs, [k[i] for i in idx])
+            if c == 1.0:
+                torch._foreach_addcdiv_(bufs, gs, denom)
+            else:
+                c = torch.where(started, full(c, like), full(1.0, like)).unbind(0)
+                torch._foreach_addcdiv_(bufs, torch._foreach_mul(gs, [c[i] for i in idx]), denom)
+        torch._foreach_addcmul_(ps, bufs, [pick(run, -lr, 0.0, like)] * len(ps))
 
     def state_dict(self) -> dict[str, Any]:
         return {"v": dict(self.v), "mu": dict(self.mu), "buf": dict(self.buf),
-                "started": dict(self.started), "t": dict(self.t)}
+                "started": self.counter_state(self.started), "t": self.counter_state(self.t)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, _, _ in self.entries:
-            if name not in state["v"]:
-                raise KeyError(name)
-            self.v[name] = state["v"][name].to(self.v[name]).clone()
-            if name in self.mu:
-                self.mu[name] = state["mu"][name].to(self.mu[name]).clone()
-            self.buf[name] = state["buf"][name].to(self.buf[name]).clone()
-            self.started[name] = state["started"][name].to(self.started[name].device).clone()
-            self.t[name] = state["t"][name].to(self.t[name].device).clone()
-        self.forget_bounds([name for name, _, _ in self.entries])
+        self.load_tensors(self.v, state["v"], self.names)
+        self.load_tensors(self.mu, state["mu"], self.mu)
+        self.load_tensors(self.buf, state["buf"], self.names)
+        self.load_counter(self.started, state["started"])
+        self.load_counter(self.t, state["t"])
 
     def state_bytes(self) -> int:
         """Bytes of the squared-gradient average, the centred mean and the momentum buffer."""
-        return sum(t.numel() * t.element_size()
-                   for d in (self.v, self.mu, self.buf) for t in d.values())
+        return self.nbytes(self.v, self.mu, self.buf)
