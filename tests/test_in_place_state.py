@@ -1,0 +1,44 @@
+"""Optimizer state is updated in place: after the first steps every state tensor keeps its
+address (the precondition for capturing a step in a CUDA graph and for torch's checkpoint
+tools, which hold references to the state), for every preset."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kfqn
+from helpers import all_presets, batches, make_closure, quiet, small_cnn, teacher_data
+
+
+def addresses(obj, prefix=""):
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(addresses(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(addresses(v, f"{prefix}/{i}"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj.data_ptr()
+    return out
+
+
+@pytest.mark.parametrize("preset", all_presets())
+def test_state_tensors_keep_their_addresses(preset):
+    x, y = teacher_data(64)
+    model = small_cnn()
+    opt = quiet(kfqn.build_optimizer, model, preset,
+                preconditioner={"inverse_every": 3, "inverse_warmup": 1}
+                if preset in ("kfac", "shampoo") else {})
+    if opt.needs_warm_start:
+        with opt.warm_start():
+            model(x)
+    data = batches(x, y, 16)
+    for _ in range(3):
+        opt.step(make_closure(opt, model, *next(data)))
+    before = addresses(opt.state_dict())
+    for _ in range(7):  # past an inverse cadence
+        opt.step(make_closure(opt, model, *next(data)))
+    after = addresses(opt.state_dict())
+    moved = sorted(k for k in before if k in after and before[k] != after[k])
+    assert not moved, f"{preset}: state tensors replaced instead of updated in place: {moved}"
