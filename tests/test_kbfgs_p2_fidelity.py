@@ -134,8 +134,8 @@ def test_first_two_steps_pinned_by_hand():
             else:
                 want_s = 0.09 * s_hist[0][j] + 0.1 * s_hist[1][j]
                 want_y = 0.09 * y_hist[0][j] + 0.1 * y_hist[1][j]
-            torch.testing.assert_close(state[n]["g"]["s_avg"], want_s, rtol=1e-10, atol=1e-13)
-            torch.testing.assert_close(state[n]["g"]["y_avg"], want_y, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(state[n]["precond"]["g"]["s_avg"], want_s, rtol=1e-10, atol=1e-13)
+            torch.testing.assert_close(state[n]["precond"]["g"]["y_avg"], want_y, rtol=1e-10, atol=1e-13)
     # the averages really moved (the checks above are not on zeros)
     assert min(float(s.abs().max()) for s in s_hist[1]) > 1e-4
 
