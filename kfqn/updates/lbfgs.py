@@ -10,8 +10,13 @@ which is identical to the two-loop recursion and, while the memory holds every p
 to dense BFGS started from gamma I. gamma = 1 (default) or s^T y / y^T y of the newest pair.
 When d <= 4p the dense H is formed once per update and products use it (cheaper, same H).
 
-Guards (as for dense BFGS): a pair is rejected unless 0 < s^T y < inf, s and y are finite,
-s^T y > cancel_tol * eps * y^T H y (H the current factor), everything derived from the new
+Guards (the first three as for dense BFGS): a pair is rejected unless 0 < s^T y < inf, s and y are finite,
+s^T y > cancel_tol * eps * y^T H y (H the current factor), s^T y > cancel_tol * eps ||s|| ||y||
+(s^T y resolved above the rounding of its own dot product: a pair with cos(s, y) at rounding
+level has a meaningless rho = 1 / s^T y, and the compact form then carries terms up to
+gamma / cos^2(s, y) times the size of H -- with a later, larger gamma they cancel in rounding
+to an indefinite H; seed 5924699 of benchmarks/adversarial_pairs.py, cos ~ 4e-18, gave
+lambda_min / lambda_max = -0.70; tests/test_lbfgs_pd.py), everything derived from the new
 memory (R, D, Y^T Y, gamma, the dense H) is finite and the new H meets the newest secant
 equation, ||H+ y - s|| <= secant_rtol ||s|| (1e-2 in float32, 1e-6 in float64: pairs of wildly
 different scales in one memory can break the compact form in rounding); a rejected pair
@@ -145,6 +150,12 @@ class LBFGSFactor(InverseFactor):
         yhy = torch.dot(y, self.apply(y))
         tol = self.cancel_tol * torch.finfo(self.dtype).eps
         ok = ok & (torch.dot(s, y) > (tol * yhy).clamp_min(0.0)) & torch.isfinite(yhy)
+        # s^T y must be resolved above the rounding of its own dot product (see the class
+        # docstring): otherwise rho = 1 / s^T y is noise and the compact form cancels terms
+        # up to gamma / cos^2(s, y) times larger than H
+        # (divided by ||s|| first so that ||s|| ||y|| cannot overflow)
+        sy_s = torch.dot(s, y) / torch.linalg.vector_norm(s)
+        ok = ok & (sy_s > tol * torch.linalg.vector_norm(y))
         s = torch.where(ok, s, torch.zeros_like(s))
         y = torch.where(ok, y, torch.zeros_like(y))
         shifted = torch.cat([self.s[1:], s[None], self.y[1:], y[None]])
