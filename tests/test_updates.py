@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
 from kfqn.updates.bfgs import BFGSFactor, bfgs_inverse_update
@@ -124,3 +124,90 @@ def test_state_dict_roundtrip_for_both_rules():
         b = cls(4, F64, "cpu", **kw)
         b.load_state_dict(a.state_dict())
         torch.testing.assert_close(a.dense(), b.dense())
+
+
+# -- the floating-point guards of dense BFGS against loss of definiteness (issue 10) ----------
+
+class _WithoutHyErrorGuard(BFGSFactor):
+    hy_error_rtol = (float("inf"), float("inf"))
+
+
+class _WithoutGrowthGuard(BFGSFactor):
+    growth_rtol = (float("inf"), float("inf"))
+
+
+class _WithoutNewGuards(BFGSFactor):
+    hy_error_rtol = growth_rtol = (float("inf"), float("inf"))
+
+
+@given(st.sampled_from([torch.float32, torch.float64]), st.booleans(), st.integers(1, 7),
+       st.integers(1, 25), st.data())
+def test_bfgs_new_guards_never_fire_on_well_scaled_pairs(dtype, from_identity, dim, n, data):
+    """s^T y > 0 and moderate conditioning (y = B s + noise, B = M M^T + c I): the H y error
+    guard and the growth guard never reject, so the factor follows, bit for bit, the same
+    sequence as one without them, in float32 and float64."""
+    guarded, free = BFGSFactor(dim, dtype, "cpu"), _WithoutNewGuards(dim, dtype, "cpu")
+    if not from_identity:
+        h0 = data.draw(spd(dim=dim)).to(dtype)
+        guarded.reset(h0)
+        free.reset(h0)
+    for _ in range(n):
+        s, y = (t.to(dtype) for t in data.draw(curvature_pair(dim)))
+        ok_guarded, ok_free = guarded.update(s, y), free.update(s, y)
+        assert bool(ok_guarded) == bool(ok_free)
+        assert torch.equal(guarded.h, free.h)
+    assert _min_eig(guarded.dense().double()) > 0
+
+
+def _skewed(data, dim: int) -> torch.Tensor:
+    """An SPD S plus a skew part A = K - K^T as large as S: a stored H whose H y is far off."""
+    sym = data.draw(spd(dim=dim))
+    k = data.draw(spd(dim=dim)) @ torch.triu(torch.ones(dim, dim, dtype=F64))
+    skew = k - k.T
+    return sym + skew * (float(sym.abs().max()) / max(float(skew.abs().max()), 1e-300))
+
+
+@given(st.integers(2, 7), st.data())
+def test_bfgs_hy_error_guard_rejects_and_leaves_h_unchanged(dim, data):
+    """Where rho ||H y - H^T y||^2 / 4 > hy_error_rtol * max_i |(H+)_ii| the pair is rejected
+    (update returns false, which the callers count) and H stays bitwise as it was."""
+    h = _skewed(data, dim)
+    s, y = data.draw(curvature_pair(dim))
+    guarded, without = BFGSFactor(dim, F64, "cpu"), _WithoutHyErrorGuard(dim, F64, "cpu")
+    for f in (guarded, without):
+        f.load_state_dict({"h": h.clone()})
+    hy = h @ y
+    rho = 1.0 / float(s @ y)
+    coef = (rho * float(y @ hy) + 1.0) * rho
+    new_max = float((torch.diagonal(h) + (coef * s - 2.0 * rho * hy) * s).abs().max())
+    fires = 0.25 * rho * float((hy - y @ h).norm()) ** 2 > BFGSFactor.hy_error_rtol[1] * new_max
+    accepted_without = bool(without.update(s, y))
+    # only the pairs every other guard accepts, on which this guard decides alone
+    assume(accepted_without)
+    event("fires" if fires else "does not fire")
+    before = guarded.h.clone()
+    accepted = bool(guarded.update(s, y))
+    assert accepted == (not fires)
+    if fires:
+        assert torch.equal(guarded.h, before)
+    else:
+        assert torch.equal(guarded.h, without.h)
+
+
+@given(st.sampled_from([torch.float32, torch.float64]), st.integers(1, 7), st.data())
+def test_bfgs_growth_guard_rejects_and_leaves_h_unchanged(dtype, dim, data):
+    """An H far smaller than the pair's own scale (rho ||s||^2): the increment's rounding
+    would exceed growth_rtol times H's smallest diagonal entry, whose directions H+ keeps --
+    the pair is rejected and H stays bitwise as it was."""
+    # eps * bound >= eps * rho max|s|^2 > 1e-5 eps for these pairs, growth_rtol * min_i H_ii
+    # <= 0.1 * 30 * tiny <= 3e-8 eps
+    tiny = data.draw(st.floats(1e-3, 1.0)) * torch.finfo(dtype).eps * 1e-8
+    h = (data.draw(spd(dim=dim)) * tiny).to(dtype)
+    s, y = (t.to(dtype) for t in data.draw(curvature_pair(dim)))
+    guarded, without = BFGSFactor(dim, dtype, "cpu"), _WithoutGrowthGuard(dim, dtype, "cpu")
+    guarded.reset(h)
+    without.reset(h)
+    assume(bool(without.update(s, y)))
+    before = guarded.h.clone()
+    assert not bool(guarded.update(s, y))
+    assert torch.equal(guarded.h, before)
