@@ -24,6 +24,11 @@ class Conv2dAdapter(LayerAdapter):
     def unsupported_reason(cls, module: nn.Module) -> str | None:
         if module.groups != 1:
             return f"groups={module.groups} (only groups=1 is supported)"
+        return cls.padding_reason(module)
+
+    @staticmethod
+    def padding_reason(module: nn.Module) -> str | None:
+        """Why the padding cannot be handled (only zero padding is), or None."""
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
         return None

@@ -91,9 +91,7 @@ class GroupedConv2dAdapter(Conv2dAdapter):
 
     @classmethod
     def unsupported_reason(cls, module: nn.Module) -> str | None:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
-        return None
+        return cls.padding_reason(module)
 
     @classmethod
     def examples(cls) -> list[tuple[nn.Module, tuple[int, ...]]]:
