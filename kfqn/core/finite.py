@@ -23,3 +23,34 @@ def all_finite_many(tensors: list[Tensor], device: torch.device | str) -> Tensor
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
     return torch.isfinite(torch.stack([t.sum().to(torch.float64) for t in tensors]).sum())
+
+
+def finite_exact(t: Tensor) -> Tensor:
+    """0-dim bool tensor: every entry of ``t`` is finite, exactly (``isfinite(t).all()``) in
+    three ops: ``t * 0`` is (+-)0 where ``t`` is finite and NaN where it is not, and a sum with
+    a NaN term is NaN (for vectors and small tensors; a product per entry)."""
+    return (t * 0).sum() == 0
+
+
+def finite_scalar(x: Tensor) -> Tensor:
+    """``torch.isfinite(x)`` in two ops instead of four: x - x is 0 for finite x, NaN for
+    +-inf and NaN (elementwise; exact)."""
+    return (x - x) == 0
+
+
+_CONSTS: dict[tuple, Tensor] = {}
+
+
+def const(value: float | bool, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A cached 0-dim tensor holding ``value`` in ``dtype`` on ``device`` (read-only: never
+    modify it in place). Saves the op that a Python scalar or ``ones_like`` costs in a
+    ``torch.where`` every step; the value is ``value`` rounded to ``dtype``, as the scalar
+    would be."""
+    dev = torch.device(device)
+    key = (float(value).hex() if not isinstance(value, bool) else value, dtype, dev)
+    t = _CONSTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.full((), value, dtype=dtype, device=dev)
+        _CONSTS[key] = t
+    return t

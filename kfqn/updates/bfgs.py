@@ -34,6 +34,10 @@ from torch import Tensor
 
 from kfqn.updates.base import InverseFactor
 from kfqn.core.components import register
+from kfqn.core.finite import const
+
+#: (rtols, dtype, device) -> the constants of BFGSFactor.update
+_CONSTS: dict = {}
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -127,49 +131,80 @@ class BFGSFactor(InverseFactor):
     def apply_right(self, m: Tensor) -> Tensor:
         return m @ self.h.T
 
+    def _consts(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        """Cached device constants of :meth:`update`: 0, 1, the factors of its guards' left
+        sides (1, eps, eps, 1) and right sides (1, increment_rtol, growth_rtol, hy_error_rtol),
+        and the largest value below finfo.max / 4 (so that the overflow guard's ``<`` is a
+        ``<=`` like the others)."""
+        key = (self.increment_rtol, self.growth_rtol, self.hy_error_rtol, dtype, device)
+        got = _CONSTS.get(key)
+        if got is None:
+            finfo = torch.finfo(dtype)
+            f64 = finfo.bits == 64
+            with torch.inference_mode(False):
+                lhs = torch.tensor([1.0, finfo.eps, finfo.eps, 1.0], dtype=dtype, device=device)
+                rhs = torch.tensor([1.0, self.increment_rtol[f64], self.growth_rtol[f64],
+                                    self.hy_error_rtol[f64]], dtype=dtype, device=device)
+                quarter = torch.tensor(finfo.max / 4, dtype=dtype, device=device)
+                below = torch.nextafter(quarter, torch.tensor(float("-inf"), dtype=dtype,
+                                                              device=device))
+            got = (const(0.0, dtype, device), const(1.0, dtype, device), lhs, rhs, below)
+            _CONSTS[key] = got
+        return got
+
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
-        # few torch calls on purpose: on a GPU each costs a kernel launch from Python
-        hy = self.h @ y
+        # few torch calls on purpose: on a GPU each costs a kernel launch from Python (and on
+        # the CPU each pays the dispatcher's fixed cost): constants are cached device tensors,
+        # and the four guards after the first are one vector comparison
+        h = self.h
+        zero, one, lhs_k, rhs_k, below_quarter_max = self._consts(h.dtype, h.device)
+        hy = h @ y
         u = torch.stack([s, hy], dim=1)                      # U = [s, Hy]
-        sy, yhy = (y @ u).unbind()                           # s^T y, y^T H y
+        y_row = y.unsqueeze(0)
+        sy, yhy = y_row.mm(u).squeeze_(0).unbind()           # s^T y, y^T H y
         s_max, hy_max = u.abs().amax(0).unbind()             # NaN / inf propagate
-        finfo = torch.finfo(self.h.dtype)
+        finfo = torch.finfo(h.dtype)
         # s^T y > 0, and large enough not to be lost to cancellation against y^T H y (NaN: no)
         ok = sy > (self.cancel_tol * finfo.eps * yhy).clamp_min(0.0)
         if allow is not None:
             ok = ok & allow
-        rho = 1.0 / torch.where(ok, sy, 1.0)
+        rho = torch.reciprocal(torch.where(ok, sy, one))
         coef = (rho * yhy + 1.0) * rho
+        rho2 = 2.0 * rho
         # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|, those
         # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
         # or inf, and the comparison false
-        bound = (coef.abs() * s_max + 2.0 * rho.abs() * hy_max) * s_max
-        h_diag = torch.diagonal(self.h)
+        bound = (coef.abs() * s_max + rho2.abs() * hy_max) * s_max
+        h_diag = torch.diagonal(h)
         h_max = h_diag.abs().amax()
-        ok = ok & (bound + h_max < finfo.max / 4)
+        bh = bound + h_max
         # rounding of H and of the increment (about eps * (max|H| + bound)) must stay small
         # against the new H, whose entries are bounded by its largest diagonal entry (O(d) to
         # compute): otherwise terms far larger than the result cancel and leave noise of
         # either sign
-        s_col, hy_col = u.unbind(1)
-        new_max = (h_diag + (coef * s_col - 2.0 * rho * hy_col) * s_col).abs().amax()
-        f64 = finfo.bits == 64
-        ok = ok & (finfo.eps * (bound + h_max) <= self.increment_rtol[f64] * new_max)
+        new_max = (h_diag + (coef * s - rho2 * hy) * s).abs().amax()
         # H+ agrees with H on the complement of s, so H's small eigenvalues live on in H+: the
         # increment's rounding (eps * bound) must stay small against them too, for which the
         # smallest diagonal entry of H stands in (class docstring)
-        ok = ok & (finfo.eps * bound <= self.growth_rtol[f64] * h_diag.amin())
+        h_min = h_diag.amin()
         # the error of Hy: w = Hy - H^T y (the stored H's skew part, rounding of every update
         # since H0 that never decays, plus the rounding of the two products) puts
         # -rho/2 (s w^T + w s^T) into H+, which lowers its lowest eigenvalue by at most
         # rho ||w||^2 / 4 (class docstring); that must stay small against the new H
-        w_norm = torch.linalg.vector_norm(hy - y @ self.h)
-        ok = ok & (0.25 * (rho * w_norm) * w_norm <= self.hy_error_rtol[f64] * new_max)
+        w_norm = torch.linalg.vector_norm(hy - y_row.mm(h))
+        skew = 0.25 * (rho * w_norm) * w_norm
+        # the guards, elementwise  lhs_k * [bh, bh, bound, skew] <= rhs_k * [max/4-, new_max,
+        # h_min, new_max]:  bh < max / 4 (no overflow); eps bh <= increment_rtol new_max;
+        # eps bound <= growth_rtol h_min; skew <= hy_error_rtol new_max
+        lhs = torch.stack([bh, bh, bound, skew]) * lhs_k
+        rhs = torch.stack([below_quarter_max, new_max, h_min, new_max]) * rhs_k
+        ok = ok & (lhs <= rhs).all()
         # H += U C U^T with C = [[c, -rho], [-rho, 0]]; C = 0 and U = 0 where not ok, so a
         # rejected pair leaves H bitwise unchanged
-        c = torch.where(ok, torch.stack([coef, -rho, -rho, torch.zeros_like(rho)]), 0.0)
-        u = torch.where(ok, u, 0.0)
-        self.h.addmm_(u @ c.view(2, 2), u.T)
+        neg_rho = -rho
+        c = torch.where(ok, torch.stack([coef, neg_rho, neg_rho, zero]), zero)
+        u = torch.where(ok, u, zero)
+        h.addmm_(u @ c.view(2, 2), u.T)
         return ok
 
     def dense(self) -> Tensor:

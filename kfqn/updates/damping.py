@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option, register
+from kfqn.core.finite import const, finite_exact, finite_scalar
 from kfqn.updates.base import Damping, DampingResult, postcondition_rtol
 
 HyFn = Callable[[Tensor], Tensor]
@@ -32,36 +33,42 @@ MU1 = {"mu1": Option(0.2, "Powell constant mu1", type=float, low=0.0, high=1.0,
 
 
 def _safe(den: Tensor, use: Tensor) -> Tensor:
-    return torch.where(use, den, torch.ones_like(den))
+    return torch.where(use, den, const(1.0, den.dtype, den.device))
 
 
 def _finite(*ts: Tensor) -> Tensor:
     """0-dim bool: every entry finite (exact; these are vectors and scalars)."""
-    return torch.stack([torch.isfinite(t).all() for t in ts]).all()
+    return finite_exact(ts[0] if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts]))
 
 
 def _at_least(value: Tensor, target: Tensor, rtol: float) -> Tensor:
-    """value >= target within the relative tolerance rtol (false on NaN or inf target)."""
-    return (value >= target - rtol * target.abs()) & torch.isfinite(target)
+    """value >= target within the relative tolerance rtol (false on NaN or inf target).
+
+    A NaN or +inf target makes target - rtol |target| NaN, so the comparison is false; only
+    target = -inf needs the second test."""
+    return (value >= target - rtol * target.abs()) & (target > float("-inf"))
 
 
 def _powell(s: Tensor, y: Tensor, hy: Tensor, mu1: float) -> tuple[Tensor, Tensor, Tensor]:
     """(damped s, active, ok): Powell on H with its postcondition checked."""
     yhy = torch.dot(y, hy)
     sy = torch.dot(s, y)
-    active = sy <= mu1 * yhy
+    target = mu1 * yhy
+    active = sy <= target
     theta = (1.0 - mu1) * yhy / _safe(yhy - sy, active)
     # stable form where the textbook one overflows or cancels: r <= mu1 < 1 when active, so
     # theta = (1 - mu1) / (1 - r) lies in [0, 1]; y^T H y <= 0 (y = 0, or H not positive
     # definite in rounding) takes s = H y, for which s^T y = y^T H y
     pos = yhy > 0
     r = sy / _safe(yhy, pos)
-    stable = torch.where(pos, (1.0 - mu1) / (1.0 - r), torch.zeros_like(r))
-    textbook = torch.isfinite(theta) & (theta >= 0) & (theta <= 1)
+    stable = torch.where(pos, (1.0 - mu1) / (1.0 - r), const(0.0, r.dtype, r.device))
+    # finite and in [0, 1] (clamp keeps NaN, which compares unequal)
+    textbook = theta.clamp(0.0, 1.0) == theta
     theta = torch.where(textbook, theta, stable)
     out = torch.where(active, theta * s + (1.0 - theta) * hy, s)
-    ok = (_finite(out, y, hy)
-          & _at_least(torch.dot(out, y), mu1 * yhy, postcondition_rtol(s.dtype)))
+    # y and H y need no finiteness test of their own: the postcondition needs a finite target
+    # mu1 y^T H y, and a non-finite entry of y or H y makes the dot product y^T H y non-finite
+    ok = finite_exact(out) & _at_least(torch.dot(out, y), target, postcondition_rtol(s.dtype))
     return out, active, ok
 
 
@@ -76,15 +83,18 @@ def _powell_identity(s: Tensor, y: Tensor, mu2: float | Tensor) -> tuple[Tensor,
     q = sy / _safe(ss, pos)
     stable = (1.0 - mu2) / (1.0 - q)
     # s = 0: nothing to damp (the pair is useless and rejected by the update rule anyway)
-    stable = torch.where(pos, stable, torch.ones_like(stable))
-    theta = torch.where(torch.isfinite(theta), theta, stable)
+    stable = torch.where(pos, stable, const(1.0, stable.dtype, stable.device))
+    theta = torch.where(finite_scalar(theta), theta, stable)
     out = torch.where(active, theta * y + (1.0 - theta) * s, y)
-    ok = _finite(out, s) & _at_least(torch.dot(s, out), target, postcondition_rtol(s.dtype))
+    # s needs no finiteness test of its own: the postcondition needs a finite target
+    # mu2 s^T s, and a non-finite entry of s makes s^T s non-finite
+    ok = finite_exact(out) & _at_least(torch.dot(s, out), target, postcondition_rtol(s.dtype))
     return out, active, ok
 
 
 def _zero_unless(ok: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.where(ok, s, torch.zeros_like(s)), torch.where(ok, y, torch.zeros_like(y))
+    zero = const(0.0, s.dtype, s.device)
+    return torch.where(ok, s, zero), torch.where(ok, y, zero)
 
 
 def powell(s: Tensor, y: Tensor, hy: Tensor, mu1: float) -> tuple[Tensor, Tensor]:
@@ -92,7 +102,7 @@ def powell(s: Tensor, y: Tensor, hy: Tensor, mu1: float) -> tuple[Tensor, Tensor
     s <- theta s + (1-theta) H y, so that afterwards s^T y = mu1 y^T H y. (A pair that cannot
     meet this in floating point comes back with s = 0; :class:`PowellDamping` reports it.)"""
     out, active, ok = _powell(s, y, hy, mu1)
-    return torch.where(ok, out, torch.zeros_like(out)), active
+    return torch.where(ok, out, const(0.0, out.dtype, out.device)), active
 
 
 def powell_identity(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, Tensor]:
@@ -100,7 +110,7 @@ def powell_identity(s: Tensor, y: Tensor, mu2: float) -> tuple[Tensor, Tensor]:
     y <- theta2 y + (1-theta2) s, so that afterwards s^T y = mu2 s^T s. (A pair that cannot
     meet this comes back with y = 0.)"""
     out, active, ok = _powell_identity(s, y, mu2)
-    return torch.where(ok, out, torch.zeros_like(out)), active
+    return torch.where(ok, out, const(0.0, out.dtype, out.device)), active
 
 
 @register('damping')
@@ -159,8 +169,8 @@ class DDV2Damping(_PowellThenSecond):
         s, act1, ok1 = _powell(s, y, hy(y), self.opts.get("mu1", 0.2))
         s, y = _zero_unless(ok1, s, y)
         y = y + mu2 * s
-        ok2 = _finite(y) & _at_least(torch.dot(s, y), mu2 * torch.dot(s, s),
-                                     postcondition_rtol(s.dtype))
+        ok2 = finite_exact(y) & _at_least(torch.dot(s, y), mu2 * torch.dot(s, s),
+                                          postcondition_rtol(s.dtype))
         ok = ok1 & ok2
         s, y = _zero_unless(ok, s, y)
-        return DampingResult(s, y, {"powell": act1, "second": torch.ones_like(act1)}, ok)
+        return DampingResult(s, y, {"powell": act1, "second": const(True, torch.bool, act1.device)}, ok)
