@@ -96,8 +96,13 @@ class InverseFactor(Component):
 def admissible(s: Tensor, y: Tensor, allow: Tensor | None) -> Tensor:
     """0 < s^T y < inf, s and y finite, and ``allow``: the acceptance test shared by update
     rules."""
-    sy = torch.dot(s, y)
-    ok = (sy > 0) & torch.isfinite(sy) & torch.isfinite(s).all() & torch.isfinite(y).all()
+    return _admissible(torch.dot(s, y), allow)
+
+
+def _admissible(sy: Tensor, allow: Tensor | None) -> Tensor:
+    """:func:`admissible` from sy = s^T y: a finite s^T y implies finite s and y (a non-finite
+    entry of either makes a term of the dot product, and so the sum, non-finite)."""
+    ok = (sy > 0) & (sy < float("inf"))
     if allow is not None:
         ok = ok & allow
     return ok

@@ -31,7 +31,29 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option, register
-from kfqn.updates.base import InverseFactor, admissible
+from kfqn.core.finite import const
+from kfqn.updates.base import InverseFactor, _admissible
+
+#: (kind, size, dtype, device) -> cached constant tensors of LBFGSFactor (read-only)
+_CONSTS: dict = {}
+
+
+def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Read-only constants: ``eye`` (n x n identity), ``shift`` (the row order of the shifted
+    memory [S; Y; s; y] -> [S[1:]; s; Y[1:]; y] for n = p pairs), ``true1`` (a 1-element True)."""
+    key = (kind, n, dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            if kind == "eye":
+                t = torch.eye(n, dtype=dtype, device=device)
+            elif kind == "shift":
+                order = [*range(1, n), 2 * n, *range(n + 1, 2 * n), 2 * n + 1]
+                t = torch.tensor(order, dtype=torch.long, device=device)
+            else:
+                t = torch.ones(1, dtype=torch.bool, device=device)
+        _CONSTS[key] = t
+    return t
 
 
 @register('factor_update')
@@ -88,21 +110,23 @@ class LBFGSFactor(InverseFactor):
     def _refresh(self) -> None:
         """Recompute R (with unit diagonal on empty slots), D, Y^T Y and, where
         :attr:`uses_dense`, the dense H, after a change."""
-        self._r, self._d, self._yy, self._dense = self._derive(self._sy, self.valid, self.gamma)
+        self._r, d, self._yy, self._dense = self._derive(self._sy, self.valid, self.gamma)
+        self._d = d.clone()
 
     def _derive(self, sy_rows: Tensor, valid: Tensor, gamma: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """(R, D, Y^T Y, dense H or None) of the memory ``sy_rows`` = [S; Y]."""
+        """(R, D, Y^T Y, dense H or None) of the memory ``sy_rows`` = [S; Y] (D a view of
+        S Y^T's diagonal)."""
         p = self.memory
         s, y = sy_rows[:p], sy_rows[p:]
         sy = s @ y.T
-        d = torch.diagonal(sy).clone()
-        r = torch.triu(sy) + torch.diag((~valid).to(self.dtype))
+        d = torch.diagonal(sy)
+        dt, dev = self.dtype, sy_rows.device
+        r = torch.triu(sy) + torch.diag(torch.where(valid, const(0.0, dt, dev), const(1.0, dt, dev)))
         yy = y @ y.T
         dense = None
         if self.uses_dense:
-            eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-            dense = self._compact(eye, (sy_rows, r, d, yy, gamma))
+            dense = self._compact(_cached("eye", self.dim, dt, dev), (sy_rows, r, d, yy, gamma))
         return r, d, yy, dense
 
     @staticmethod
@@ -145,23 +169,28 @@ class LBFGSFactor(InverseFactor):
         return (torch.cat([top, -g * u], dim=1) @ self._sy).addcmul_(m, g)
 
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
-        ok = admissible(s, y, allow)
-        # cancellation guard, as in dense BFGS (NaN or inf y^T H y rejects)
+        dt, dev = self.dtype, self._sy.device
+        sy = torch.dot(s, y)
+        ok = _admissible(sy, allow)
+        # cancellation guard, as in dense BFGS (NaN or inf y^T H y rejects: a NaN or +inf
+        # bound fails the comparison, -inf the second test)
         yhy = torch.dot(y, self.apply(y))
         tol = self.cancel_tol * torch.finfo(self.dtype).eps
-        ok = ok & (torch.dot(s, y) > (tol * yhy).clamp_min(0.0)) & torch.isfinite(yhy)
+        ok = ok & (sy > (tol * yhy).clamp_min(0.0)) & (yhy > float("-inf"))
         # s^T y must be resolved above the rounding of its own dot product (see the class
         # docstring): otherwise rho = 1 / s^T y is noise and the compact form cancels terms
         # up to gamma / cos^2(s, y) times larger than H
         # (divided by ||s|| first so that ||s|| ||y|| cannot overflow)
-        sy_s = torch.dot(s, y) / torch.linalg.vector_norm(s)
+        sy_s = sy / torch.linalg.vector_norm(s)
         ok = ok & (sy_s > tol * torch.linalg.vector_norm(y))
-        s = torch.where(ok, s, torch.zeros_like(s))
-        y = torch.where(ok, y, torch.zeros_like(y))
-        shifted = torch.cat([self.s[1:], s[None], self.y[1:], y[None]])
-        shifted_v = torch.cat([self.valid[1:], ok.reshape(1)])
+        zero = const(0.0, dt, dev)
+        s = torch.where(ok, s, zero)
+        y = torch.where(ok, y, zero)
+        # [S[1:]; s; Y[1:]; y]: one gather from [S; Y; s; y]
+        shifted = torch.cat([self._sy, torch.stack([s, y])])[_cached("shift", self.memory, dt, dev)]
         rows = torch.where(ok, shifted, self._sy)
-        valid = torch.where(ok, shifted_v, self.valid)
+        # the new slot is valid where ok (else the old flags stay)
+        valid = torch.where(ok, torch.cat([self.valid[1:], _cached("true1", 1, dt, dev)]), self.valid)
         gamma = self.gamma
         if self.gamma_mode == "scaled":
             yy = torch.dot(y, y)
@@ -178,20 +207,26 @@ class LBFGSFactor(InverseFactor):
         r, dd, yy, dense = derived
         if dense is not None:
             h_y, probe = dense @ y, dense.sum(1)
+            hp = torch.stack([h_y, probe])
         else:
             mat = torch.stack([y, torch.ones_like(y)], dim=1)
-            h_y, probe = self._compact(mat, (rows, r, dd, yy, gamma)).unbind(1)
+            hp = self._compact(mat, (rows, r, dd, yy, gamma))
+            h_y, probe = hp.unbind(1)
         resid = torch.linalg.vector_norm(h_y - s)
         rtol = self.secant_rtol[self.dtype == torch.float64]
-        ok = (ok & self._finite([*derived, gamma, h_y, probe])
-              & (resid <= rtol * torch.linalg.vector_norm(s)))
+        # finiteness of everything derived (exact: t * 0 is NaN exactly where t is not
+        # finite): D lies on R's diagonal (R = triu(S Y^T) + 0/1 there), and the probe
+        # H+ 1 (the row sums of a dense H+, or the compact form's gamma 1 + ...) is not finite
+        # where the dense H+ or gamma is not
+        fin = torch.stack([r, yy]).mul(0).sum() + hp.mul(0).sum() == 0
+        ok = ok & fin & (resid <= rtol * torch.linalg.vector_norm(s))
         # in place: the memory and what is derived from it keep their addresses
-        self._sy.copy_(torch.where(ok, rows, self._sy))
-        self.valid.copy_(torch.where(ok, valid, self.valid))
-        self.gamma.copy_(torch.where(ok, gamma, self.gamma))
+        torch.where(ok, rows, self._sy, out=self._sy)
+        torch.where(ok, valid, self.valid, out=self.valid)
+        torch.where(ok, gamma, self.gamma, out=self.gamma)
         for new, prev in zip(derived, (self._r, self._d, self._yy, self._dense)):
             if new is not None:
-                prev.copy_(torch.where(ok, new, prev))
+                torch.where(ok, new, prev, out=prev)
         return ok
 
     def state_bytes(self) -> int:
