@@ -30,8 +30,8 @@ def data():
     return x, y
 
 
-def spec(preset: str) -> dict:
-    return {"preset": preset, "factor_dtype": "float64", "lr": 0.05}
+def spec(preset: str, placement: str = "replicated") -> dict:
+    return {"preset": preset, "factor_dtype": "float64", "lr": 0.05, "placement": placement}
 
 
 def train(net, opt, x, y, steps, start=0, rank=0, world=1):
@@ -61,7 +61,8 @@ def flat(net) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
-def run(rank: int, world: int, folder: str, presets: list[str]) -> None:
+def run(rank: int, world: int, folder: str, presets: list[str],
+        placements: tuple[str, ...] = ("replicated", "owner")) -> None:
     import kfqn
 
     warnings.simplefilter("ignore")
@@ -72,24 +73,65 @@ def run(rank: int, world: int, folder: str, presets: list[str]) -> None:
         x, y = data()
         out = {}
         for preset in presets:
-            net = model()
-            ddp = nn.parallel.DistributedDataParallel(net)
-            opt = kfqn.build_optimizer(ddp, spec(preset))
-            warm(opt, ddp, x, rank, world)
-            train(ddp, opt, x, y, RESUME_AT, 0, rank, world)
-            state = copy.deepcopy(opt.state_dict())  # as torch.save would keep it
-            weights = {k: v.clone() for k, v in net.state_dict().items()}
-            train(ddp, opt, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
-            # resume under N ranks: a fresh model and optimizer from the checkpoint
-            net2 = model()
-            net2.load_state_dict(weights)
-            ddp2 = nn.parallel.DistributedDataParallel(net2)
-            opt2 = kfqn.build_optimizer(ddp2, spec(preset))
-            opt2.load_state_dict(state)
-            train(ddp2, opt2, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
-            out[preset] = {"final": flat(net), "resumed": flat(net2), "state": state,
-                           "weights": weights, "calls": opt.comm.calls,
-                           "bytes": opt.comm.bytes}
+            for placement in placements:
+                net = model()
+                ddp = nn.parallel.DistributedDataParallel(net)
+                opt = kfqn.build_optimizer(ddp, spec(preset, placement))
+                warm(opt, ddp, x, rank, world)
+                train(ddp, opt, x, y, 1, 0, rank, world)
+                calls = opt.comm.calls
+                train(ddp, opt, x, y, RESUME_AT - 1, 1, rank, world)
+                per_step = (opt.comm.calls - calls) / (RESUME_AT - 1)
+                state = copy.deepcopy(opt.state_dict())  # as torch.save would keep it
+                weights = {k: v.clone() for k, v in net.state_dict().items()}
+                train(ddp, opt, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
+                # resume under N ranks (the other placement too): a fresh model and optimizer
+                other = placements[(placements.index(placement) + 1) % len(placements)]
+                resumed = {}
+                for again in dict.fromkeys((placement, other)):
+                    net2 = model()
+                    net2.load_state_dict(weights)
+                    ddp2 = nn.parallel.DistributedDataParallel(net2)
+                    opt2 = kfqn.build_optimizer(ddp2, spec(preset, again))
+                    opt2.load_state_dict(state)
+                    train(ddp2, opt2, x, y, STEPS - RESUME_AT, RESUME_AT, rank, world)
+                    resumed[again] = flat(net2)
+                out[preset, placement] = {
+                    "final": flat(net), "resumed": resumed, "state": state,
+                    "weights": weights, "calls_per_step": per_step, "calls": opt.comm.calls,
+                    "bytes": opt.comm.bytes, "state_bytes": opt.state_bytes(),
+                    "owned": [n for n, l in opt.layers.items() if l.owned]}
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_failing(rank: int, world: int, folder: str) -> None:
+    """Rank 1's closure raises at step 2; the other ranks are then inside a collective."""
+    import kfqn
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        x, y = data()
+        net = model()
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = kfqn.build_optimizer(ddp, spec("kbfgs", "owner"))
+        local = BATCH // world
+        for k in range(STEPS):
+            xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+            yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+
+            def closure():
+                if rank == 1 and k == 2:
+                    raise RuntimeError(f"data loader failed on rank {rank} at step {k}")
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(xb), yb)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        open(os.path.join(folder, f"finished{rank}"), "w").close()
     finally:
         dist.destroy_process_group()

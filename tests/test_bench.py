@@ -384,9 +384,9 @@ def _closed_form(preset: str, dims: list[tuple[str, int, int]]) -> tuple[int, in
     n = len(dims)
     sa, sg = sum(a for _, a, _ in dims), sum(g for _, _, g in dims)
     sa2, sg2 = sum(a * a for _, a, _ in dims), sum(g * g for _, _, g in dims)
-    return {"kbfgs": (2 + 2 * n, 4 * (4 * sg + 1 + sa2 + sa)),
-            "kfbfgs_cnn": (2 + 2 * n, 4 * (4 * sg + 1 + 2 * sa)),
-            "kfac": (1 + 2 * n, 4 * (2 * sg + 1 + sa2 + sg2)),
+    return {"kbfgs": (2, 4 * (4 * sg + 1 + sa2 + sa)),
+            "kfbfgs_cnn": (2 + n, 4 * (4 * sg + 1 + 2 * sa)),
+            "kfac": (1, 4 * (2 * sg + 1 + sa2 + sg2)),
             "shampoo": (1, 4 * (2 * sg + 1)),
             "adam": (1, 4)}[preset]
 
@@ -423,9 +423,11 @@ def test_two_gloo_ranks_send_exactly_the_formula(tmp_path):
         assert rec["grad_bytes"] == 4 * sum(p.numel() for p in net.parameters())
         assert rec["steps"] == 3 and rec["step_ms_median"] > 0 and rec["local_batch"] == 8
     first = {r["preset"]: r for r in recs}
-    # KF-BFGS-CNN's first step also averages each layer's first-batch A (d_a^2)
+    # KF-BFGS-CNN's first step also averages each layer's first-batch A (d_a^2) in the first
+    # round, and takes the Hessian action from it (no call of its own)
     assert first["kfbfgs_cnn"]["bytes_by_step"][0] == _closed_form("kfbfgs_cnn", dims)[1] + \
-        4 * sum(a * a for _, a, _ in dims)
+        4 * sum(a * a - a for _, a, _ in dims)
+    assert first["kfbfgs_cnn"]["calls_by_step"][0] == 2
 
 
 def _count_steps(spec: dict, steps: int = 5, dtype=torch.float32, warm: bool = True):
@@ -466,22 +468,31 @@ def _count_steps(spec: dict, steps: int = 5, dtype=torch.float32, warm: bool = T
 
 
 @pytest.mark.parametrize("spec, dtype, warm", [
-    ({"preset": "kbfgs", "factor_dtype": "float64"}, torch.float64, True),  # two dtypes: 2 calls
+    ({"preset": "kbfgs", "factor_dtype": "float64"}, torch.float64, True),  # one call per pass
     ({"preset": "kbfgs"}, torch.float32, False),               # A from the first batch
     ({"preset": "kfbfgs_ll_cnn"}, torch.float32, True),        # no trial pass, identity start
     ({"preset": "kfac", "preconditioner": {"stats_every": 3}}, torch.float32, True),
     ({"preset": "kfac", "preconditioner": {"name": "ekfac", "inverse_every": 3,
                                            "inverse_warmup": 2}}, torch.float32, True),
-], ids=["kbfgs-float64", "kbfgs-no-warm-start", "kfbfgs_ll_cnn", "kfac-T1=3", "ekfac"])
+    ({"preset": "kbfgs", "placement": "owner"}, torch.float32, True),
+    ({"preset": "kfbfgs_cnn", "placement": "owner"}, torch.float32, True),
+    ({"preset": "kfac", "placement": "owner"}, torch.float32, True),
+], ids=["kbfgs-float64", "kbfgs-no-warm-start", "kfbfgs_ll_cnn", "kfac-T1=3", "ekfac",
+        "kbfgs-owner", "kfbfgs_cnn-owner", "kfac-owner"])
 def test_formula_follows_dtypes_cadences_and_start_up(spec, dtype, warm):
     got, want, per = _count_steps(spec, dtype=dtype, warm=warm)
     assert got == want
     assert per.calls > 0 and per.bytes > 0
-    if spec["preset"] == "kfac" and spec["preconditioner"].get("stats_every") == 3:
-        assert [c for c, _ in got[:4]] == [9, 1, 1, 9]     # statistics at steps 0 and 3 only
-        assert per.calls == pytest.approx((9 + 1 + 1) / 3)
+    if spec["preset"] == "kfac" and spec.get("preconditioner", {}).get("stats_every") == 3:
+        assert [c for c, _ in got[:4]] == [1, 1, 1, 1]     # one call per pass, always
+        nbytes = [b for _, b in got[:4]]                    # statistics at steps 0 and 3 only
+        assert nbytes[0] == nbytes[3] > nbytes[1] == nbytes[2]
+        assert per.calls == 1
     if dtype == torch.float64:
-        assert got[-1][0] == 11                           # captures: a float64 and a float32 call
+        assert got[-1][0] == 2                 # one call per pass, float32 parts sent as float64
+    if spec.get("placement") == "owner":
+        passes = 2 if spec["preset"] != "kfac" else 1
+        assert got[-1][0] == passes + 1                   # + the owners' directions
 
 
 def test_allreduce_model_and_projection(tmp_path, capsys):

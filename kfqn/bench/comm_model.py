@@ -14,32 +14,40 @@ positions |T| (conv output pixels) never enters: every statistic is a mean over 
 positions before it is averaged. One all-reduce ("call") per ``comm.mean`` and one per dtype
 of a ``comm.mean_many``; its bytes are what the rank contributes (``numel * element_size``).
 
-Per step (steady state: after the first accepted step, warm start done):
+Per step (steady state: after the first accepted step, warm start done), one all-reduce per
+pass carries everything that pass averages (``KFQNOptimizer._reduce_round``: one flat buffer in
+the widest dtype of its parts, s = that dtype's size):
 
-* every preset (``KFQNOptimizer._reduce_captures``, current pass): one call with the h and g
-  means of every layer and the finite flag (float32): 2 sum_l d_g s_x + 4 bytes (one call per
-  distinct dtype: a float64 model sends two);
-* a trial pass (``g_side.source: extra_pass``: kbfgs, kbfgs_l, kfbfgs_cnn, kfbfgs_l_cnn) repeats
-  it at theta+ without the flag: one more call of 2 sum_l d_g s_x bytes;
-* ``a_side: ema_hessian_action`` (kbfgs, kbfgs_l): per layer, the EMA of A every step
-  (d_a^2 s_x) and the input mean v (d_a s_x): 2 calls per layer;
-* ``a_side: minibatch_hessian_action`` (kfbfgs_cnn, kfbfgs_l_cnn, kfbfgs_ll_cnn): per layer, the
-  input mean v and the Hessian action (1/m) sum abar abar^T s_a (d_a s_x each): 2 calls per
-  layer (and A = d_a^2 s_x once, at the first step, for ``init: batch_inverse``);
-* ``preconditioner: kfac``: per layer at every statistics step (``stats_every`` T1): A
-  (d_a^2 s_x) and G (d_g^2 s_f): 2 calls per layer every T1 steps;
-* ``preconditioner: ekfac``: K-FAC's, plus the scaling S (d_g d_a s_f) at every statistics
-  step and every step that refreshes the eigenbasis (k < inverse_warmup, k % inverse_every = 0);
-* ``preconditioner: shampoo``: nothing more (its statistics come from the gradient, which DDP
-  has already averaged);
+* the closure's pass, every preset: the h and g means of every layer (2 d_g each) and the
+  finite flag (1), plus every statistic the layers' preconditioners declare
+  (``batch_means``):
+
+  - ``a_side: ema_hessian_action`` (kbfgs, kbfgs_l): the batch A (d_a^2: the EMA's, and the
+    first-batch start's) and the input mean v (d_a);
+  - ``a_side: minibatch_hessian_action`` (kfbfgs_cnn, kfbfgs_l_cnn, kfbfgs_ll_cnn): v (d_a);
+    the batch A (d_a^2) at the first-batch start and, under ``placement: owner``, every step
+    (the owner forms y_a = A s_a from it);
+  - ``preconditioner: kfac``: at every statistics step (``stats_every`` T1) A (d_a^2) and G
+    (d_g^2, in ``factor_dtype``);
+  - ``shampoo``: nothing (its statistics come from the gradient, which DDP has averaged);
+
+* the extra pass (``g_side.source: extra_pass``: kbfgs, kbfgs_l, kfbfgs_cnn, kfbfgs_l_cnn): the
+  h and g means at theta+ (2 sum d_g), one more call;
+* outside the rounds: ``minibatch_hessian_action`` under ``placement: replicated`` averages the
+  Hessian action (d_a) when it is formed, one call per layer (s_a = H_a v needs the averaged v
+  first); EKFAC's scaling S (d_g d_a) at its statistics and basis steps, one call per layer;
+* ``placement: owner``: the owners' directions, sum d_g d_a numbers in ``factor_dtype``, one
+  call (an all-reduce of a buffer with zeros where a rank does not own the layer);
 * first-order presets (adam, sgd_m, rmsprop; no preconditioned layer): the flag alone, 4 bytes.
 
-So, in float32 (s_x = s_f = 4), bytes per step::
+So, in float32 (every s = 4), bytes and calls per step (replicated; owner adds
+4 sum d_g d_a bytes and 1 call, and for the minibatch presets 4 sum d_a^2 bytes less the
+actions' 4 sum d_a, with the L action calls gone)::
 
-    kbfgs, kbfgs_l        4 (4 sum d_g + 1 + sum (d_a^2 + d_a))        2 + 2L calls
-    kfbfgs_cnn, _l_cnn    4 (4 sum d_g + 1 + 2 sum d_a)                2 + 2L calls
-    kfbfgs_ll_cnn         4 (2 sum d_g + 1 + 2 sum d_a)                1 + 2L calls
-    kfac                  4 (2 sum d_g + 1 + sum (d_a^2 + d_g^2) / T1) 1 + 2L / T1 calls
+    kbfgs, kbfgs_l        4 (4 sum d_g + 1 + sum (d_a^2 + d_a))        2 calls
+    kfbfgs_cnn, _l_cnn    4 (4 sum d_g + 1 + 2 sum d_a)                2 + L calls
+    kfbfgs_ll_cnn         4 (2 sum d_g + 1 + 2 sum d_a)                1 + L calls
+    kfac                  4 (2 sum d_g + 1 + sum (d_a^2 + d_g^2) / T1) 1 call
     shampoo               4 (2 sum d_g + 1)                            1 call
     adam, sgd_m, rmsprop  4                                            1 call
 
@@ -71,12 +79,14 @@ class UnknownCommModel(ValueError):
 
 @dataclass(frozen=True)
 class Collective:
-    """One all-reduce: what it averages, for which layer (None: all layers), its size."""
+    """One all-reduce: what it carries, for which layer (None: several), its size, the dtype
+    it is sent in and, for a pass's round, its parts ((what, numel) of each statistic)."""
 
     what: str
     layer: str | None
     numel: int
     dtype: torch.dtype
+    parts: tuple[tuple[str, int], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -112,62 +122,69 @@ def _act_dtype(layer: Any) -> torch.dtype:
     return layer.module.weight.dtype
 
 
-def _captures(layers: list[Any], what: str, flag: bool) -> list[Collective]:
-    """``_reduce_captures``: h and g means of every layer (+ the float32 flag), one all-reduce
-    per dtype (``TorchDistributed.mean_many``)."""
-    by_dtype: dict[torch.dtype, int] = {}
-    for layer in layers:
-        dt = _act_dtype(layer)
-        by_dtype[dt] = by_dtype.get(dt, 0) + 2 * layer.adapter.d_g
-    if flag:
-        by_dtype[torch.float32] = by_dtype.get(torch.float32, 0) + 1
-    return [Collective(what, None, n, dt) for dt, n in by_dtype.items()]
+#: a statistic of a round: (what, numel, own dtype)
+_Part = tuple[str, int, torch.dtype]
 
 
-def _kronecker(layer: Any, step: int, steady: bool) -> list[Collective]:
+def _round(what: str, parts: list[_Part]) -> Collective:
+    """One pass's all-reduce: every part in the widest of their dtypes (``mean_many``)."""
+    dtype = torch.float32
+    for _, _, dt in parts:
+        dtype = torch.promote_types(dtype, dt)
+    return Collective(what, None, sum(n for _, n, _ in parts), dtype,
+                      tuple((w, n) for w, n, _ in parts))
+
+
+def _captures(layers: list[Any], what: str) -> list[_Part]:
+    """The h and g means of every layer, as the capture hooks recorded them."""
+    return [(what, 2 * l.adapter.d_g, _act_dtype(l)) for l in layers]
+
+
+def _owner(opt: Any) -> bool:
+    cfg = getattr(opt, "config", {}) or {}
+    return cfg.get("placement") == "owner" and getattr(opt.comm, "world_size", 1) > 1
+
+
+def _kronecker(layer: Any, step: int, steady: bool,
+               owner: bool) -> tuple[list[_Part], list[Collective]]:
+    """(parts of the closure's round, calls of their own) of a kronecker layer."""
     pre, name = layer.precond, layer.name
     d_a, dx = layer.adapter.d_a, _act_dtype(layer)
-    out: list[Collective] = []
     a, g = pre.a, pre.g
     a_kind, g_kind = getattr(a, "name", type(a).__name__), getattr(g, "name", type(g).__name__)
     if g_kind != "secant_pairs":
         raise UnknownCommModel(f"g_side {g_kind!r}: no communication model")
     if a_kind == "ema_hessian_action":
-        if not steady:
-            starting = (a.a is None and a._start is None) or (a._start is not None
-                                                             and a._start.due())
-            if starting:   # prepare: A from the first batch (no warm start)
-                out.append(Collective("A (first batch)", name, d_a * d_a, dx))
-        out.append(Collective("A (EMA)", name, d_a * d_a, dx))          # after_step: _ema
-        out.append(Collective("input mean v", name, d_a, dx))           # after_step: v
-    elif a_kind == "minibatch_hessian_action":
-        if not steady and a.opts["init"] != "identity" and a._start.due():
-            out.append(Collective("A (first batch)", name, d_a * d_a, dx))
-        out.append(Collective("input mean v", name, d_a, dx))
-        out.append(Collective("Hessian action", name, d_a, dx))
-    else:
-        raise UnknownCommModel(f"a_side {a_kind!r}: no communication model")
-    return out
+        return [("A (batch, for the EMA)", d_a * d_a, dx), ("input mean v", d_a, dx)], []
+    if a_kind == "minibatch_hessian_action":
+        parts: list[_Part] = [("input mean v", d_a, dx)]
+        start = (not steady and a.opts["init"] != "identity"
+                 and (not layer.owned or not a.initialised or a._start.due()))
+        if owner or start:
+            parts.append(("A (batch)" if owner else "A (first batch)", d_a * d_a, dx))
+            return parts, []
+        return parts, [Collective("Hessian action", name, d_a, dx)]
+    raise UnknownCommModel(f"a_side {a_kind!r}: no communication model")
 
 
-def _kfac(layer: Any, step: int, steady: bool, opt: Any) -> list[Collective]:
+def _kfac(layer: Any, step: int, steady: bool,
+          opt: Any) -> tuple[list[_Part], list[Collective]]:
     pre, name = layer.precond, layer.name
     d_a, d_g, dx, df = layer.adapter.d_a, layer.adapter.d_g, _act_dtype(layer), opt.factor_dtype
-    t1 = pre.opts["stats_every"]
-    due = lambda f: (step % t1 == 0) or (not steady and f.mat is None)  # noqa: E731
-    out: list[Collective] = []
-    if due(pre.g):   # prepare: G side first
-        out.append(Collective("G", name, d_g * d_g, df))
-    if due(pre.a):
-        out.append(Collective("A", name, d_a * d_a, dx))
+    parts: list[_Part] = []
+    if pre.a.stats_due(step):
+        parts.append(("A", d_a * d_a, dx))
+    if pre.g.stats_due(step):
+        parts.append(("G", d_g * d_g, df))
+    calls = []
     if getattr(pre, "name", "") == "ekfac" and pre.opts["scaling"] == "refit" \
             and pre.opts["precondition"]:
-        o = pre.opts
+        o, t1 = pre.opts, pre.opts["stats_every"]
         changed = (step < o["inverse_warmup"] or step % o["inverse_every"] == 0
                    or (not steady and pre.basis is None))
         if changed or step % t1 == 0:
-            out.append(Collective("S (EKFAC scaling)", name, d_g * d_a, df))
-    return out
+            calls.append(Collective("S (EKFAC scaling)", name, d_g * d_a, df))
+    return parts, calls
 
 
 def step_collectives(opt: Any, step: int | None = None, steady: bool = False) -> list[Collective]:
@@ -178,21 +195,28 @@ def step_collectives(opt: Any, step: int | None = None, steady: bool = False) ->
         return []
     step = opt._step_count if step is None else step
     layers = _layers(opt)
-    out = _captures(layers, "h, g means + finite flag", flag=True)
-    per_layer: list[Collective] = []
+    owner = _owner(opt)
+    parts = _captures(layers, "h, g means") + [("finite flag", 1, torch.float32)]
+    calls: list[Collective] = []
     for layer in layers:
         kind = getattr(layer.precond, "name", type(layer.precond).__name__)
         if kind == "kronecker":
-            per_layer += _kronecker(layer, step, steady)
+            more, own = _kronecker(layer, step, steady, owner)
         elif kind in ("kfac", "ekfac"):
-            per_layer += _kfac(layer, step, steady, opt)
+            more, own = _kfac(layer, step, steady, opt)
         elif kind == "shampoo":
-            pass
+            more, own = [], []
         else:
             raise UnknownCommModel(f"preconditioner {kind!r}: no communication model")
-    out += per_layer
+        parts += more
+        calls += own
+    out = [_round("closure's pass", parts)] + calls
+    if owner and layers:
+        out.append(Collective("directions (placement=owner)", None,
+                              sum(l.adapter.d_g * l.adapter.d_a for l in layers),
+                              opt.factor_dtype))
     if layers and any("trial" in l.precond.needs for l in layers):
-        out += _captures(layers, "h, g means at theta+", flag=False)
+        out.append(_round("extra pass", _captures(layers, "h, g means at theta+")))
     return out
 
 
@@ -266,6 +290,15 @@ class CountingComm:
 
         return TorchDistributed.all_ok(self._impl, flag)
 
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Counted; the other ranks' shares are not simulated (placement=owner directions)."""
+        self.calls += 1
+        self.bytes += flat.numel() * flat.element_size()
+        return flat
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
 
 def grad_bytes(model: nn.Module) -> int:
     """DDP's gradient all-reduce per step: every trainable parameter's bytes."""
@@ -292,6 +325,9 @@ def breakdown(opt: Any) -> dict[str, CommCount]:
     out: dict[str, CommCount] = {}
     for k in range(base, base + period):
         for c in step_collectives(opt, k, steady=True):
-            out[c.what] = out.get(c.what, CommCount(0, 0)) + CommCount(1 / period,
-                                                                       c.nbytes / period)
+            # a round's call is counted once, under its name; its bytes under each part
+            out[c.what] = out.get(c.what, CommCount(0, 0)) + CommCount(1 / period, 0)
+            size = _itemsize(c.dtype)
+            for what, n in (c.parts or ((c.what, c.numel),)):
+                out[what] = out.get(what, CommCount(0, 0)) + CommCount(0, n * size / period)
     return out

@@ -55,6 +55,10 @@ TOP_LEVEL: dict[str, Option | Sub] = {
                                "only dL/dh (about 1/3 less work; the closure must not read "
                                "parameter .grad); 'all' runs the closure's backward unchanged",
                                choices=["layer_outputs", "all"]),
+    "placement": Option("replicated", "data-parallel runs: 'replicated' updates every layer's "
+                        "factors on every rank; 'owner' keeps each layer's factors on one rank "
+                        "(size-balanced) and exchanges the directions: factor memory and work "
+                        "per rank about 1/N", choices=["replicated", "owner"]),
     "plugins": Option([], "modules to import and register before the config is read (their "
                       "kfqn.register classes, hooks and presets), e.g. ['my_lab.sr1_variant']",
                       type=list),

@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -31,6 +32,7 @@ from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
 from kfqn.core.finite import all_finite, all_finite_many
 from kfqn.core.momentum import initial_started, momentum_update_
+from kfqn.core.placement import assign_owners, factor_cost
 from kfqn.core.registry import Registry, default_registry
 from kfqn.core.state_check import check_like, clone_tree
 from kfqn.core.statistics import LayerStatistics, StepStatistics
@@ -48,7 +50,7 @@ FIRST_ORDER_MODULES: tuple[type, ...] = (
     nn.PReLU,
 )
 #: config keys that may differ between a checkpoint and the optimizer loading it
-HYPER_KEYS = ("name", "description", "lr", "momentum", "weight_decay", "damping")
+HYPER_KEYS = ("name", "description", "lr", "momentum", "weight_decay", "damping", "placement")
 
 
 @dataclass
@@ -68,6 +70,11 @@ class Layer:
     positions: int = 1
     #: its forward was captured at least once (host flag)
     captured: bool = False
+    #: this rank holds its preconditioner (``placement: owner``: else a state-free ``meta`` copy
+    #: that only evaluates ``batch_means``, and no momentum)
+    owned: bool = True
+    #: data-parallel: the ReducingAdapter its preconditioner sees (holds the pass's averages)
+    reducer: Any = None
     extra: dict = field(default_factory=dict)
 
 
@@ -84,6 +91,25 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
+
+
+def _to_cpu(tree: Any) -> Any:
+    """A copy of a state tree with every tensor on the CPU (to send between ranks)."""
+    if isinstance(tree, Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def _family(config: dict) -> str:
+    """The preconditioner family of a config, with its estimators for ``kronecker``."""
+    name = config["preconditioner"]["name"]
+    if name == "kronecker":
+        return f"kronecker: a_side={config['a_side']['name']}, g_side={config['g_side']['name']}"
+    return name
 
 
 def _describe(entry: Any) -> str:
@@ -157,6 +183,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self._build_layers()
         self._sampling_layers = [l for l in self.layers.values()
                                  if "sampled_grads" in l.precond.needs]
+        if self._sampling_layers and not any(l.owned for l in self._sampling_layers):
+            raise ConfigError(
+                f"placement=owner: rank {self.comm.rank} of {self.comm.world_size} owns none of "
+                f"the {len(self._sampling_layers)} layers whose preconditioner draws the "
+                "Fisher's labels, so it cannot draw its share; use placement=replicated or "
+                "fewer ranks than layers")
         self._output_hook = (
             model.register_forward_hook(torch.compiler.disable(self._on_model_output))
             if self._sampling_layers else None)
@@ -187,6 +219,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         claimed: set[int] = set()
+        blocks: list[tuple[str, nn.Module, LayerAdapter, int]] = []
         bypassed = _children_used_without_forward(self.model)
         for mname, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in group_of]
@@ -219,8 +252,11 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 self._unsupported(mname or type(module).__name__, module, reason)
                 continue
             for bname, block in adapter.blocks(mname):
-                self._add_layer(bname, module, block, group_of[id(module.weight)])
+                blocks.append((bname, module, block, group_of[id(module.weight)]))
             claimed.update(id(p) for p in adapter.params())
+        owners = self._owners(blocks)
+        for bname, module, block, group in blocks:
+            self._add_layer(bname, module, block, group, owners[bname] == self.comm.rank)
         entries = []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -278,18 +314,53 @@ class KFQNOptimizer(torch.optim.Optimizer):
             warnings.warn(msg, stacklevel=4)
         self.unsupported[name] = reason
 
-    def _add_layer(self, name: str, module: nn.Module, adapter: LayerAdapter, group: int) -> None:
+    @property
+    def _owner_mode(self) -> bool:
+        """``placement: owner`` with more than one rank (kfqn.core.placement)."""
+        return self.config["placement"] == "owner" and self.comm.world_size > 1
+
+    def _owners(self, blocks: list) -> dict[str, int]:
+        """layer name -> the rank that holds its preconditioner (this rank when replicated)."""
+        if not self._owner_mode:
+            return {b[0]: self.comm.rank for b in blocks}
+        return assign_owners({b[0]: factor_cost(b[2].d_a, b[2].d_g) for b in blocks},
+                             self.comm.world_size)
+
+    def _add_layer(self, name: str, module: nn.Module, adapter: LayerAdapter, group: int,
+                   owned: bool = True) -> None:
         dev = module.weight.device
-        seen = adapter if self.comm.world_size == 1 else ReducingAdapter(adapter, self.comm)
-        ctx = LayerContext(name, seen, self.factor_dtype, dev, self.builder, self.comm)
-        precond = self.builder.preconditioner(self.config, ctx)
+        placement = self.config["placement"] if self.comm.world_size > 1 else "replicated"
+        if owned:
+            seen = adapter if self.comm.world_size == 1 else ReducingAdapter(
+                adapter, self.comm, name, strict=self._owner_mode)
+            ctx = LayerContext(name, seen, self.factor_dtype, dev, self.builder, self.comm,
+                               placement)
+            precond = self.builder.preconditioner(self.config, ctx)
+        else:  # another rank owns it: a state-free copy that evaluates its batch_means
+            ctx = LayerContext(name, adapter, self.factor_dtype, torch.device("meta"),
+                               self.builder, self.comm, placement)
+            try:
+                precond = self.builder.preconditioner(self.config, ctx)
+            except Exception as exc:
+                raise ConfigError(
+                    f"placement=owner: preconditioner {self.config['preconditioner']['name']!r} "
+                    f"cannot be built on the meta device for the layers this rank does not own "
+                    f"({type(exc).__name__}: {exc}); use placement=replicated") from None
+        if self._owner_mode and not precond.supports_owner_placement():
+            raise ConfigError(
+                f"placement=owner is not supported by this configuration's preconditioner "
+                f"({_family(self.config)}): it does not declare every statistic it averages "
+                "over the ranks (batch_means); use placement=replicated")
         hooks = CaptureHooks(module, adapter, keep_grad_output="grad_outputs" in precond.needs,
                              keep_output="sampled_grads" in precond.needs)
-        zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=dev)
+        mdev = dev if owned else torch.device("meta")
+        zeros = torch.zeros((adapter.d_g, adapter.d_a), dtype=self.factor_dtype, device=mdev)
         flag = initial_started(self.config, dev)
         count = torch.zeros((), dtype=torch.long, device=dev)
         self.layers[name] = Layer(name, module, adapter, hooks, precond, group, zeros, flag,
-                                  count)
+                                  count, owned=owned,
+                                  reducer=ctx.adapter if isinstance(ctx.adapter, ReducingAdapter)
+                                  else None)
 
     def closure(self, x: Any, y: Any) -> Callable[[], Tensor]:
         """The closure for ``step``: zero the gradients, loss = ``self.loss(model(x), y)``,
@@ -333,8 +404,11 @@ class KFQNOptimizer(torch.optim.Optimizer):
         lines = [f"kfqn optimizer {self.config['name']!r}: {len(self.layers)} preconditioned "
                  f"module(s), {len(self.fallback_params)} fallback parameter(s)"]
         for name, layer in self.layers.items():
+            where = ""
+            if self._owner_mode:
+                where = " (factors on this rank)" if layer.owned else " (factors on another rank)"
             lines.append(f"  {name}: {type(layer.module).__name__} d_a={layer.adapter.d_a} "
-                         f"d_g={layer.adapter.d_g}")
+                         f"d_g={layer.adapter.d_g}{where}")
         if self.fallback_params:
             lines.append(f"  fallback ({self.config['fallback']['name']}): "
                          + ", ".join(self.fallback_params))
@@ -373,7 +447,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
             if layer in targets:
                 def cb(inp: Tensor, layer: Layer = layer) -> None:
                     layer.positions = layer.adapter.positions(inp)
-                    layer.precond.warm_accumulate(inp)
+                    if self.comm.world_size > 1:
+                        self._reduce_warm_batch(layer, inp)
+                    if layer.owned:
+                        layer.precond.warm_accumulate(inp)
                 layer.hooks.on_warm = cb
         try:
             with torch.no_grad():
@@ -384,8 +461,23 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 layer.hooks.on_warm = None
             self._restore_running_stats(bn)
         for layer in targets:
-            layer.precond.warm_finish(self._lambdas(layer)[0])
+            if layer.owned:
+                layer.precond.warm_finish(self._lambdas(layer)[0])
+            if layer.reducer is not None:
+                layer.reducer.memo = {}
         self._warm_started = True
+
+    def _reduce_warm_batch(self, layer: Layer, inp: Tensor) -> None:
+        """Data-parallel warm start: the statistics the layer declared for a warm-start batch,
+        averaged over the ranks (one call per layer and batch; every rank runs the same forward,
+        so the calls line up)."""
+        plan = layer.precond.batch_means("warm", self._step_count)
+        if not plan:
+            return
+        cap = SimpleNamespace(inp=inp)
+        reduced = self.comm.mean_many([local(layer.adapter, cap) for local in plan.values()])
+        if layer.reducer is not None:
+            layer.reducer.memo = dict(zip(plan, reduced))
 
     # -- model state around the trial pass -----------------------------------------------------
     def _save_running_stats(self) -> list[tuple[Tensor, Tensor]]:
@@ -460,7 +552,9 @@ class KFQNOptimizer(torch.optim.Optimizer):
         if (not self._sampling_layers or not torch.is_grad_enabled()
                 or not isinstance(output, Tensor) or not output.requires_grad):
             return  # e.g. evaluation; the estimators explain a missing result in prepare
-        owner = self._sampling_layers[0].precond  # one config: the first layer's speaks for all
+        # one config: the first layer's preconditioner speaks for all (the first one this rank
+        # holds, under placement=owner; every layer counts the same accepted steps)
+        owner = next(l.precond for l in self._sampling_layers if l.owned)
         if not owner.wants_sampled_grads(self._step_count):
             return
         layers = [l for l in self._sampling_layers
@@ -546,14 +640,15 @@ class KFQNOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             ok = self._finite_flag(loss)
             if self.comm.world_size > 1:
-                ok = self._reduce_captures(active, "current", ok)
+                ok = self._reduce_round(active, "current", ok)
             self.nonfinite_steps += (~ok).long()
             infos: dict[str, StepInfo] = {}
             for layer in active:
                 lam_a, mu2 = self._lambdas(layer)
                 info = StepInfo(ok, self._step_count, lam_a, mu2)
                 infos[layer.name] = info
-                layer.precond.prepare(statistics[layer.name], info)
+                if layer.owned:
+                    layer.precond.prepare(statistics[layer.name], info)
             t2 = time.perf_counter()
             times["factor_updates"] = t2 - t1
             self._precondition_and_move(active, ok)
@@ -564,7 +659,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             t4 = time.perf_counter()
             times["fallback"] = t4 - t3
             for layer in active:
-                layer.precond.after_move(statistics[layer.name], infos[layer.name])
+                if layer.owned:
+                    layer.precond.after_move(statistics[layer.name], infos[layer.name])
             t5 = time.perf_counter()
             times["factor_updates"] += t5 - t4
         if self._needs_trial and active and closure is not None:
@@ -574,46 +670,68 @@ class KFQNOptimizer(torch.optim.Optimizer):
             t5 = t6
             with torch.no_grad():
                 if self.comm.world_size > 1:
-                    self._reduce_captures(active, "trial")
+                    self._reduce_round(active, "trial")
                 for layer in active:
                     stats = statistics[layer.name]
                     stats.trial = layer.hooks.slots["trial"]
-                    layer.precond.after_trial(stats, infos[layer.name])
+                    if layer.owned:
+                        layer.precond.after_trial(stats, infos[layer.name])
         with torch.no_grad():
             for layer in active:
-                layer.precond.end_step(statistics[layer.name], infos[layer.name])
+                if layer.owned:
+                    layer.precond.end_step(statistics[layer.name], infos[layer.name])
         for layer in self.layers.values():  # drop references to activations
             layer.hooks.reset("current")
             layer.hooks.reset("trial")
+            if layer.reducer is not None:
+                layer.reducer.memo = {}
         times["factor_updates"] += time.perf_counter() - t5
         times["total"] = time.perf_counter() - t0
         self.last_phase_times = times
         self._step_count += 1
         return loss
 
-    def _reduce_captures(self, active: list[Layer], phase: str,
-                         ok: Tensor | None = None) -> Tensor | None:
-        """Data-parallel: the means the capture hooks recorded (h and g of every layer) and the
-        finite flag, averaged over the ranks with one all-reduce; returns the global flag."""
+    def _reduce_round(self, active: list[Layer], phase: str,
+                      ok: Tensor | None = None) -> Tensor | None:
+        """Data-parallel: the one all-reduce of a pass. It averages the h and g means the capture
+        hooks recorded, every statistic the layers' preconditioners declared for this pass
+        (``batch_means``; evaluated by every rank for every layer, owned or not) and the
+        non-finite flag; the preconditioners then read their averages from their
+        ReducingAdapter's memo. Returns the global flag (true only if true on every rank)."""
         caps = [l.hooks.slots[phase] for l in active]
-        tensors, where = [], []
-        for i, cap in enumerate(caps):
+        tensors: list[Tensor] = []
+        where: list[tuple[Any, str]] = []
+        for cap in caps:
             for key in ("h_mean", "g_mean"):
                 if getattr(cap, key) is not None:
                     tensors.append(getattr(cap, key))
-                    where.append((i, key))
+                    where.append((cap, key))
+        declared: list[tuple[Layer, str]] = []
+        for layer, cap in zip(active, caps):
+            for key, local in layer.precond.batch_means(phase, self._step_count).items():
+                tensors.append(local(layer.adapter, cap))
+                declared.append((layer, key))
         if ok is not None:
             tensors.append((~ok).to(torch.float32).reshape(1))
         reduced = self.comm.mean_many(tensors)
-        for (i, key), t in zip(where, reduced):
-            setattr(caps[i], key, t)
+        for (cap, key), t in zip(where, reduced):
+            setattr(cap, key, t)
+        for layer in active:
+            if layer.reducer is not None:
+                layer.reducer.memo = {}
+        for (layer, key), t in zip(declared, reduced[len(where):]):
+            if layer.reducer is not None:
+                layer.reducer.memo[key] = t
         return None if ok is None else reduced[-1][0] == 0
 
     def _precondition_and_move(self, active: list[Layer], ok: Tensor) -> None:
         form = self.config["momentum_form"]
         inside = self.config["weight_decay_mode"] == "inside"
         dt = self.factor_dtype
+        directions: dict[str, Tensor] = {}
         for layer in active:
+            if not layer.owned:
+                continue
             group = self.param_groups[layer.group]
             wd = float(group["weight_decay"])
             grad = layer.adapter.homogeneous_grad().to(dt)
@@ -631,9 +749,39 @@ class KFQNOptimizer(torch.optim.Optimizer):
             good = ok & all_finite(precond)
             layer.dir_rejected += (ok & ~good).long()
             precond = torch.where(good, precond, torch.zeros((), dtype=dt, device=precond.device))
-            lr = float(group["lr"])
-            for p, d in zip(layer.adapter.targets(), layer.adapter.split(precond)):
-                p.add_(d.to(p.dtype), alpha=-lr)
+            if self._owner_mode:
+                directions[layer.name] = precond
+            else:
+                self._move(layer, precond)
+        if self._owner_mode and active:
+            directions = self._exchange_directions(active, directions)
+            for layer in active:
+                self._move(layer, directions[layer.name])
+
+    def _move(self, layer: Layer, direction: Tensor) -> None:
+        """theta <- theta - lr * P for the layer's parameters."""
+        lr = float(self.param_groups[layer.group]["lr"])
+        for p, d in zip(layer.adapter.targets(), layer.adapter.split(direction)):
+            p.add_(d.to(p.dtype), alpha=-lr)
+
+    def _exchange_directions(self, active: list[Layer],
+                             own: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``placement: owner``: every layer's direction on every rank, with one all-reduce of a
+        flat buffer in which each rank wrote the layers it owns (zeros elsewhere, so the sum is
+        the owner's values exactly)."""
+        sizes = [l.adapter.d_g * l.adapter.d_a for l in active]
+        flat = torch.zeros(sum(sizes), dtype=self.factor_dtype, device=self._device())
+        offset = 0
+        for layer, n in zip(active, sizes):
+            if layer.name in own:
+                flat[offset:offset + n].copy_(own[layer.name].reshape(-1))
+            offset += n
+        self.comm.sum_(flat)
+        out, offset = {}, 0
+        for layer, n in zip(active, sizes):
+            out[layer.name] = flat[offset:offset + n].view(layer.adapter.d_g, layer.adapter.d_a)
+            offset += n
+        return out
 
     # -- analysis ------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, float]]:
@@ -646,6 +794,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
         """
         out: dict[str, dict[str, float]] = {}
         for name, layer in self.layers.items():
+            if not layer.owned:  # placement=owner: the rank that owns it reports it
+                continue
             row = {k: float(v) for k, v in layer.precond.stats().items()}
             row["dir_rejected"] = float(layer.dir_rejected)
             for key, mat in self._factor_dict(layer).items():
@@ -662,12 +812,15 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     def factors(self) -> dict[str, dict[str, Tensor]]:
         """Per-layer dense factors: H_a, H_g, and A (and G) where the method keeps them."""
-        return {name: self._factor_dict(layer) for name, layer in self.layers.items()}
+        return {name: self._factor_dict(layer) for name, layer in self.layers.items()
+                if layer.owned}
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state: factors, pair buffers, momentum of every parameter."""
         total = 0
         for layer in self.layers.values():
+            if not layer.owned:  # placement=owner: held by another rank
+                continue
             total += layer.precond.state_bytes()
             total += layer.momentum.numel() * layer.momentum.element_size()
         for fallback in self._fallbacks():
@@ -689,7 +842,24 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 "modules": {n: type(l.module).__name__ for n, l in self.layers.items()}}
 
     def state_dict(self) -> dict[str, Any]:
-        """Checkpoint keyed by module and parameter names (portable to a fresh model)."""
+        """Checkpoint keyed by module and parameter names (portable to a fresh model).
+
+        Under ``placement: owner`` every rank must call it (a collective): each layer's entry
+        comes from the rank that owns it, and every rank returns the whole checkpoint, which
+        loads under any number of ranks and either placement."""
+        out = self._state_dict()
+        if self._owner_mode:
+            mine = {n: _to_cpu(e) for n, e in out["layers"].items() if self.layers[n].owned}
+            gathered: dict[str, Any] = {}
+            for part in self.comm.gather_objects(mine):
+                gathered.update(part)
+            out["layers"] = {n: (out["layers"][n] if self.layers[n].owned else gathered[n])
+                             for n in out["layers"]}
+        return out
+
+    def _state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` of this rank alone: under ``placement: owner`` the layers it does
+        not own hold their ``meta`` copies' state (shapes and dtypes only; for checks)."""
         pnames = {id(p): n for n, p in self.model.named_parameters()}
         groups = []
         for g in self.param_groups:
@@ -767,7 +937,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             for key in GROUP_KEYS:
                 if key in saved:
                     validate_param_group(i, {key: saved[key]})
-        expected = self.state_dict()
+        expected = self._state_dict()
         for name in will_release:
             expected["layers"].pop(name)
         expected["released"] = []
@@ -812,7 +982,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             if all(n in self.layers for n in names):
                 self._release(names, state_dict.get("unsupported", {}).get(
                     names[0], "released by the checkpoint's optimizer"))
-        snapshot = clone_tree(self.state_dict())
+        snapshot = clone_tree(self._state_dict())
         try:
             self._load_checked(state_dict)
         except Exception as exc:
@@ -826,6 +996,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 if k != "param_names":
                     g[k] = v
         for name, layer in self.layers.items():
+            if not layer.owned:  # placement=owner: its owner loads it
+                continue
             s = state_dict["layers"][name]
             layer.precond.load_state_dict(s["precond"])
             layer.momentum = s["momentum"].to(layer.momentum).clone()

@@ -15,7 +15,7 @@ every state change must be a no-op (selected with ``torch.where``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -24,6 +24,16 @@ from kfqn.core.components import Component
 from kfqn.core.state_check import tensor_bytes
 from kfqn.layers.base import LayerAdapter
 from kfqn.layers.capture import Capture
+
+
+#: a batch statistic declared by ``batch_means``: (layer adapter, capture) -> this rank's mean
+BatchMean = Callable[[LayerAdapter, Any], Tensor]
+
+
+def input_means(*methods: str) -> dict[str, BatchMean]:
+    """``batch_means`` entries for adapter methods of the layer input (``input_mean``,
+    ``input_covariance``), applied to the capture's ``inp``."""
+    return {m: (lambda adapter, cap, m=m: getattr(adapter, m)(cap.inp)) for m in methods}
 
 
 @dataclass
@@ -38,6 +48,16 @@ class LayerContext:
     #: how batch statistics are averaged over data-parallel ranks (kfqn.core.communicator);
     #: ``adapter`` is then a ReducingAdapter that averages the adapter's batch means
     comm: Any = None
+    #: ``placement`` of the optimizer config: 'replicated' (every rank updates every layer) or
+    #: 'owner' (this layer's factors live on one rank; kfqn.core.placement)
+    placement: str = "replicated"
+
+    def batch_mean(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` -- a batch mean of this rank's data -- averaged over the data-parallel
+        ranks: this pass's reduced value when the preconditioner declared ``key`` in
+        ``batch_means``, else one collective call (none in a single process)."""
+        reducer = getattr(self.adapter, "batch_mean", None)
+        return compute() if reducer is None else reducer(key, compute)
 
     def factor(self, section: Mapping[str, Any], dim: int):
         return self.builder.factor(section, dim, self.dtype, self.device)
@@ -63,6 +83,17 @@ class StepInfo:
 class _Estimator(Component):
     #: the config section keys that name sub-components, and their kinds
     subcomponents: ClassVar[Mapping[str, str]] = {}
+    #: whether :meth:`batch_means` declares every batch statistic the estimator averages over
+    #: data-parallel ranks, so that ``placement: owner`` can run it (docs/algorithms.md §8)
+    owner_placement: ClassVar[bool] = False
+
+    def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
+        """The batch means of this rank's data that the estimator will ask for in ``phase``
+        ('warm', 'current', 'trial'), keyed by adapter method name (``input_mean``,
+        ``input_covariance``) or by the key it passes to ``ctx.batch_mean``; each maps (the
+        layer adapter, the pass's capture) to the local value. Computed on every rank -- also on
+        ranks that do not own the layer -- so they must not read the estimator's state."""
+        return {}
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
         self.ctx = ctx

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import (AEstimator, FirstBatchStart, LayerContext, StepInfo,
-                                 WarmStartSum)
+from kfqn.curvature.base import (AEstimator, BatchMean, FirstBatchStart, LayerContext, StepInfo,
+                                 WarmStartSum, input_means)
 from kfqn.layers.capture import Capture
 
 
@@ -40,6 +40,13 @@ class EMAHessianActionA(AEstimator):
         "inversion": Sub("inversion", "cholesky", "inverse of A_LM at iteration 0"),
     }
     subcomponents = {"update": "factor_update", "damping": "damping", "inversion": "inversion"}
+    owner_placement = True
+
+    def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
+        # the batch A (warm start, first-batch start, the EMA) and the input mean v
+        if phase == "warm":
+            return input_means("input_covariance")
+        return input_means("input_covariance", "input_mean") if phase == "current" else {}
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any]) -> None:
         super().__init__(ctx, options)

@@ -15,7 +15,8 @@ from torch import Tensor
 from kfqn.core.components import Option, register
 from kfqn.core.errors import ConfigError
 from kfqn.core.sections import Sub
-from kfqn.curvature.base import AEstimator, FirstBatchStart, LayerContext, StepInfo
+from kfqn.curvature.base import (AEstimator, BatchMean, FirstBatchStart, LayerContext, StepInfo,
+                                 input_means)
 from kfqn.layers.capture import Capture
 
 
@@ -31,6 +32,20 @@ class MinibatchHessianActionA(AEstimator):
         "inversion": Sub("inversion", "cholesky", "inverse for init=batch_inverse"),
     }
     subcomponents = {"update": "factor_update", "damping": "damping", "inversion": "inversion"}
+    owner_placement = True
+
+    def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
+        """v every step; the batch A at the first-batch start and, under ``placement: owner``,
+        every step: the other ranks cannot form the action A s_a without H_a, so the owner
+        takes y_a = A s_a from the averaged A (d_a^2 numbers instead of d_a; one round). Under
+        ``replicated`` the action is averaged when it is formed (one call per layer)."""
+        if phase != "current":
+            return {}
+        start = self.opts["init"] == "batch_inverse" and (not self.initialised
+                                                           or self._start.due())
+        if self.ctx.placement == "owner" or start:
+            return input_means("input_mean", "input_covariance")
+        return input_means("input_mean")
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], builder: Any, where: str) -> None:

@@ -29,6 +29,8 @@ from kfqn.layers.capture import Capture
 class SecantPairsG(GEstimator):
     name = "secant_pairs"
     description = "K-BFGS G side: pre-activation secant pairs, EMA, damping, BFGS/L-BFGS on H_g"
+    #: its statistics are the h and g means of the capture hooks, which the optimizer averages
+    owner_placement = True
     options = {
         "source": Option("extra_pass", "where theta+ is evaluated: extra_pass (same minibatch) "
                          "or next_iterate (next step's minibatch)",

@@ -21,6 +21,12 @@ Statistics a preconditioner can ask for (:attr:`needs`): the layer's inputs (alw
 :meth:`output_cotangents`, backpropagated to every layer before the user's backward) and
 ``"trial"`` (a second closure call at the trial point on the same minibatch).
 
+Data-parallel training (:mod:`kfqn.core.communicator`): the batch statistics a layer averages
+over the ranks are declared per pass by :meth:`batch_means`, so that one collective call per
+pass averages them for every layer. ``placement: owner`` (each layer's factors on one rank) needs
+every such statistic declared and :attr:`owner_placement` true; the other ranks then hold the
+layer's preconditioner on the ``meta`` device and only evaluate its ``batch_means``.
+
 Register a new family with ``@kfqn.register("preconditioner")``; its ``options`` are the keys of
 the config section ``preconditioner: {name: ..., <options>}``.
 """
@@ -45,6 +51,9 @@ class LayerPreconditioner(Component):
 
     #: sections of the optimizer config this family reads besides ``preconditioner``
     sections: ClassVar[tuple[str, ...]] = ()
+    #: whether :meth:`batch_means` declares every batch statistic it averages over the ranks
+    #: (``placement: owner`` needs it; the constructor must also work on the ``meta`` device)
+    owner_placement: ClassVar[bool] = False
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
                  config: Mapping[str, Any]) -> None:
@@ -70,6 +79,19 @@ class LayerPreconditioner(Component):
     def output_cotangents(self, output: Tensor) -> Tensor:
         """With ``"sampled_grads"``: (R, *output.shape) cotangents of the model output."""
         raise NotImplementedError
+
+    def supports_owner_placement(self) -> bool:
+        """Whether ``placement: owner`` can run this layer (see :attr:`owner_placement`)."""
+        return bool(self.owner_placement)
+
+    def batch_means(self, phase: str, step: int) -> dict[str, Any]:
+        """The batch means of this rank's data that the layer averages over the ranks in
+        ``phase`` ('warm': a warm-start batch, 'current', 'trial'), keyed as the preconditioner
+        asks for them (adapter method names, or the key given to ``ctx.batch_mean``); each maps
+        (the layer adapter, the pass's capture) to the local value. Evaluated on every rank,
+        including those that do not own the layer: no state may be read.
+        (:func:`kfqn.curvature.base.input_means` builds the entries of input statistics.)"""
+        return {}
 
     # -- warm start -------------------------------------------------------------------------
     def warm_accumulate(self, inp: Tensor) -> None:
@@ -123,6 +145,12 @@ class TwoSidedPreconditioner(LayerPreconditioner):
 
     a: Any
     g: Any
+
+    def supports_owner_placement(self) -> bool:
+        return bool(self.owner_placement and self.a.owner_placement and self.g.owner_placement)
+
+    def batch_means(self, phase: str, step: int) -> dict[str, Any]:
+        return {**self.a.batch_means(phase, step), **self.g.batch_means(phase, step)}
 
     def warm_accumulate(self, inp: Tensor) -> None:
         self.a.warm_accumulate(inp)

@@ -37,6 +37,8 @@ class EKFACPreconditioner(KFACPreconditioner):
     name = "ekfac"
     description = ("EKFAC [George et al. 2018]: K-FAC's eigenbases, diagonal scaling "
                    "re-estimated in them from per-sample gradients")
+    #: the scaling's statistic is formed in the eigenbasis, which only the owner would hold
+    owner_placement = False
     options = {
         **OPTIONS,
         "scaling": Option("refit", "'refit': S = EMA of the squared per-sample gradients in the "
@@ -73,7 +75,7 @@ class EKFACPreconditioner(KFACPreconditioner):
             j = torch.einsum("mtg,mta->mga", g, a)
             total = total + (j * j).sum(0)
         total = total / cap.batch
-        return total if self.ctx.comm is None else self.ctx.comm.mean(total)
+        return self.ctx.batch_mean("S", lambda: total)
 
     def _refresh_basis(self, step: int) -> bool:
         """Eigenbases of A and G (and the dampings of that moment) at K-FAC's inverse cadence:

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from kfqn.core.components import Option, register
 from kfqn.core.errors import KfqnError
-from kfqn.curvature.base import AEstimator, GEstimator, LayerContext, StepInfo, WarmStartSum
+from kfqn.curvature.base import (AEstimator, BatchMean, GEstimator, LayerContext, StepInfo,
+                                 WarmStartSum, input_means)
 from kfqn.curvature.counter_rng import CounterRNG
 from kfqn.curvature.kfac_factor import CADENCE_OPTIONS, KFACFactorMixin
 from kfqn.curvature.output_losses import LOSSES, REDUCTIONS, OutputLoss
@@ -78,8 +79,15 @@ class _InputFactor(KFACFactorMixin, AEstimator):
         self._skip_next_ema = torch.zeros((), dtype=torch.bool, device=ctx.device)
         self._warm = WarmStartSum()
 
+    owner_placement = True
+
     def _cov(self, inp: Tensor) -> Tensor:
         return self.ctx.adapter.input_covariance(inp).to(self.ctx.dtype)
+
+    def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
+        if phase == "warm" or (phase == "current" and self.stats_due(step)):
+            return input_means("input_covariance")
+        return {}
 
     # -- warm start ---------------------------------------------------------------------------
     def warm_accumulate(self, inp: Tensor) -> None:
@@ -149,8 +157,21 @@ class _OutputFactor(KFACFactorMixin, GEstimator):
                                            self.opts["samples"])
 
     # -- statistics -----------------------------------------------------------------------------
+    owner_placement = True
+
+    def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
+        if phase == "current" and self.stats_due(step):
+            return {"G": self._local_statistic}
+        return {}
+
     def _batch_statistic(self, cap: Capture) -> Tensor:
-        adapter, m, t = self.ctx.adapter, cap.batch, cap.positions
+        """G of this batch, averaged over the data-parallel ranks."""
+        return self.ctx.batch_mean("G", lambda: self._local_statistic(self.ctx.adapter, cap))
+
+    def _local_statistic(self, adapter: Any, cap: Capture) -> Tensor:
+        """(1/(m|T|)) sum_i sum_t g g^T of this rank's batch (no state read: every rank forms
+        it, also under placement=owner)."""
+        m, t = cap.batch, cap.positions
         if self.opts["fisher"] == "empirical":
             if cap.grad_out is None:
                 raise KfqnError(f"K-FAC G side of {self.ctx.name!r}: no output gradient was "
@@ -167,11 +188,7 @@ class _OutputFactor(KFACFactorMixin, GEstimator):
             g = torch.cat([adapter.per_sample_grad_outputs(x).reshape(-1, adapter.d_g)
                            for x in cap.sampled_grad_out]) / m
         g = g.to(self.ctx.dtype)
-        return self._mean_over_ranks(g.T @ g / (m * t))
-
-    def _mean_over_ranks(self, t: Tensor) -> Tensor:
-        comm = self.ctx.comm
-        return t if comm is None else comm.mean(t)
+        return g.T @ g / (m * t)
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.stats_due(info.step):
@@ -200,6 +217,7 @@ class KFACPreconditioner(TwoSidedPreconditioner):
     description = ("K-FAC: EMA of abar abar^T and g g^T (true / empirical / exact Fisher), "
                    "(F + gamma I)^-1 every T2 steps, pi-split")
     options = OPTIONS
+    owner_placement = True
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
                  config: Mapping[str, Any]) -> None:

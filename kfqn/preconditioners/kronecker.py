@@ -28,6 +28,7 @@ class KroneckerPreconditioner(TwoSidedPreconditioner):
     description = "H_a (x) H_g from the a_side and g_side estimators (K-BFGS family)"
     options: dict = {}
     sections = ("a_side", "g_side")
+    owner_placement = True  # if both estimators declare their statistics (supports_owner_...)
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
                  config: Mapping[str, Any]) -> None:

@@ -123,6 +123,14 @@ class ShampooPreconditioner(TwoSidedPreconditioner):
     description = ("Shampoo [Gupta et al. 2018]: (sum Mbar Mbar^T + eps I)^(-1/4) Mhat "
                    "(sum Mbar^T Mbar + eps I)^(-1/4), SGD grafting")
     options = OPTIONS
+    #: its statistics come from the gradient, which DDP has averaged: nothing to declare
+    owner_placement = True
+
+    def supports_owner_placement(self) -> bool:
+        return True
+
+    def batch_means(self, phase: str, step: int) -> dict[str, Any]:
+        return {}
 
     def __init__(self, ctx: LayerContext, options: Mapping[str, Any],
                  config: Mapping[str, Any]) -> None:

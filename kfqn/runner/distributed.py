@@ -228,14 +228,17 @@ class DistContext:
             return loss
         return self.sum([loss])[0] / self.world_size
 
-    def agree(self, stop: bool, wall: float, cpu: float) -> tuple[bool, float, float]:
-        """(any rank asks to stop, rank 0's wall clock, rank 0's CPU clock): every rank takes
-        the same stop decision from the same budget clocks."""
+    def agree(self, stop: bool, wall: float, cpu: float,
+              checkpoint_due: bool = False) -> tuple[bool, float, float, bool]:
+        """(any rank asks to stop, rank 0's wall clock, rank 0's CPU clock, rank 0's "a timed
+        checkpoint is due"): every rank takes the same stop and checkpoint decisions from the
+        same clocks (a checkpoint is a collective under placement=owner)."""
         if not self.active:
-            return stop, wall, cpu
+            return stop, wall, cpu, checkpoint_due
         main = 1.0 if self.is_main else 0.0
-        s, w, c = self.sum([float(stop), main * wall, main * cpu])
-        return s > 0, w, c
+        s, w, c, d = self.sum([float(stop), main * wall, main * cpu,
+                               main * float(checkpoint_due)])
+        return s > 0, w, c, d > 0
 
     def barrier(self) -> None:
         if self.active:

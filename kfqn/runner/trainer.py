@@ -108,6 +108,7 @@ class Trainer:
         self.state = _State()
         self._bad_batch: Optional[int] = None
         self._stop_requested = False
+        self._checkpoint_due = False  # data-parallel: rank 0's timed-checkpoint decision
         self._warned: set[str] = set()
 
     # -- public --------------------------------------------------------------------------------
@@ -203,11 +204,14 @@ class Trainer:
         self.state = _State(**ckpt["state"])
 
     def _checkpoint(self) -> None:
-        if not self.main:  # every rank holds the same state; rank 0 writes it
+        # every rank takes part (under placement=owner each layer's factors come from their
+        # owner: a collective); rank 0 writes the whole state
+        optimizer_state = self.optimizer.state_dict()
+        if not self.main:
             return
         save_checkpoint(self.run_dir, {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "loader": self.loader.state_dict(),
             "augment": self.augment.state_dict() if self.augment is not None else None,
@@ -222,13 +226,17 @@ class Trainer:
             return
         old = cfgmod.to_dict(cfgmod.load_file(saved))
         new = cfgmod.to_dict(self.cfg)
+        # where factor work runs (like the number of ranks) may change: the checkpoint holds
+        # every layer whatever the placement that wrote it
         diff = [d for d in cfgmod.config_diff(old, new)
-                if d.split(".")[0].split(":")[0] not in cfgmod.RESUMABLE_SECTIONS]
+                if d.split(".")[0].split(":")[0] not in cfgmod.RESUMABLE_SECTIONS
+                and not d.startswith("optimizer.placement")]
         if diff:
             raise ConfigError(
                 f"cannot resume {self.run_dir}: its config differs in {'; '.join(diff[:3])}"
-                f"{' ...' if len(diff) > 3 else ''}. Only budget, logging, eval and report may "
-                "change on resume; start a new run (another logging.run_dir) instead."
+                f"{' ...' if len(diff) > 3 else ''}. Only budget, logging, eval, report and "
+                "optimizer.placement may change on resume; start a new run (another "
+                "logging.run_dir) instead."
             )
 
     # -- the run -------------------------------------------------------------------------------
@@ -328,10 +336,15 @@ class Trainer:
             return "cpu_seconds"
         return None
 
+    def _timed_checkpoint_due(self) -> bool:
+        every_s = self.cfg.logging.checkpoint_every_seconds
+        return bool(every_s) and time.perf_counter() - self._last_ckpt_wall >= every_s
+
     def _should_stop(self) -> Optional[str]:
         if self.dist.active:  # one decision for all ranks, from rank 0's budget clocks
             s = self.state
-            stop, s.wall, s.cpu = self.dist.agree(self._stop_requested, s.wall, s.cpu)
+            stop, s.wall, s.cpu, self._checkpoint_due = self.dist.agree(
+                self._stop_requested, s.wall, s.cpu, self._timed_checkpoint_due())
             self._stop_requested = self._stop_requested or stop
         return self._budget_spent() or ("interrupted" if self._stop_requested else None)
 
@@ -385,8 +398,9 @@ class Trainer:
                     stop = self._should_stop()
                     if stop and self.loader.position < len(self.loader):
                         break  # mid-epoch; on the epoch's last batch, finish the epoch first
-                    every_s = cfg.logging.checkpoint_every_seconds
-                    due = every_s and time.perf_counter() - self._last_ckpt_wall >= every_s
+                    # rank 0's clock decides for every rank (_should_stop agreed on it)
+                    due = (self._checkpoint_due if self.dist.active
+                           else self._timed_checkpoint_due())
                     if due and not stop:
                         self._checkpoint()
                 else:

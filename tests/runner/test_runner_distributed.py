@@ -145,7 +145,7 @@ def runs(tmp_path_factory):
     (root / "plugin" / "kfqn_dist_testplugin.py").write_text(PLUGIN)
     env = _env(root / "plugin")
     d = {name: root / "runs" / name
-         for name in ("one", "two", "three", "fail", "slurm", "kfac_one")}
+         for name in ("one", "two", "three", "fail", "slurm", "kfac_one", "owner")}
 
     def start(argv, extra=None):
         return Launch(argv, {**env, **(extra or {})}, root)
@@ -170,6 +170,9 @@ def runs(tmp_path_factory):
         "kfac_one": start(_kfqn(*kfac, f"logging.run_dir={d['kfac_one']}")),
         "fail": start(_kfqn(*TASK, "budget.steps=6", "model.name=digits_cnn_fail",
                             f"logging.run_dir={d['fail']}", "--nproc", "2")),
+        # factors on their owner ranks; 3 steps, then resumed below to 6 (replicated)
+        "owner": start(_kfqn(*TASK, "budget.steps=3", "optimizer.placement=owner",
+                             f"logging.run_dir={d['owner']}", "--nproc", "2")),
     }
     launches["three"].ok()
     three_before = _status(d["three"])
@@ -177,6 +180,9 @@ def runs(tmp_path_factory):
     launches["resume"] = start(["-m", "torch.distributed.run", "--standalone",
                                 "--nproc-per-node", "2", "-m", "kfqn", "train", str(d["three"]),
                                 "--resume", "budget.steps=6", "-q"])
+    launches["owner"].ok()
+    launches["owner_resume"] = start(_kfqn(str(d["owner"]), "--resume", "budget.steps=6",
+                                           "optimizer.placement=replicated", "--nproc", "2"))
     for launch in [*launches.values(), *slurm]:
         launch.wait()
     return {"dirs": d, "root": root, "slurm": slurm, "three_before": three_before, **launches}
@@ -238,6 +244,25 @@ def test_resumed_two_rank_run_equals_uninterrupted(runs):
     assert a["loader"]["pos"] == b["loader"]["pos"]
     assert torch.equal(a["loader"]["perm"], b["loader"]["perm"])
     assert _losses(three) == _losses(two)
+
+
+# -- placement=owner: checkpointed from the owners, resumed replicated: the same run ---------------
+def test_owner_placement_checkpoint_resumes(runs):
+    owner, two = runs["dirs"]["owner"], runs["dirs"]["two"]
+    runs["owner_resume"].ok(), runs["two"].ok()
+    assert _status(owner)["status"] == "finished" and _status(owner)["steps"] == 6
+    # every layer's factors, whoever owned them, as in a replicated run's checkpoint
+    ckpt, ref = load_checkpoint(owner)["optimizer"], load_checkpoint(two)["optimizer"]
+    assert ckpt["layers"].keys() == ref["layers"].keys() and len(ckpt["layers"]) == 4
+
+    def tensors(tree):
+        if isinstance(tree, torch.Tensor):
+            yield tree
+        elif isinstance(tree, dict):
+            for v in tree.values():
+                yield from tensors(v)
+    assert not any(t.is_meta for t in tensors(ckpt["layers"]))
+    assert _max_diff(_params(owner), _params(two)) < 1e-9
 
 
 def _losses(run_dir: Path) -> list[tuple[str, float]]:
