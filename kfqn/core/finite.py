@@ -15,14 +15,17 @@ from torch import Tensor
 
 def all_finite(t: Tensor) -> Tensor:
     """0-dim bool tensor: every entry of ``t`` is finite (conservative, see module docstring)."""
-    return torch.isfinite(t.sum())
+    return finite_scalar(t.sum())
 
 
 def all_finite_many(tensors: list[Tensor], device: torch.device | str) -> Tensor:
     """0-dim bool tensor: every entry of every tensor is finite (True for an empty list)."""
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
-    return torch.isfinite(torch.stack([t.sum().to(torch.float64) for t in tensors]).sum())
+    sums = [t.sum() for t in tensors]
+    if len({x.dtype for x in sums}) == 1:   # one cast of the stacked sums (same values)
+        return finite_scalar(torch.stack(sums).to(torch.float64).sum())
+    return finite_scalar(torch.stack([x.to(torch.float64) for x in sums]).sum())
 
 
 def finite_exact(t: Tensor) -> Tensor:

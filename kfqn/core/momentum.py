@@ -34,8 +34,23 @@ def momentum_update_(buf: Tensor, grad: Tensor, started: Tensor, rho: float, for
     0-dim coefficients k = rho, c = coef on a started accepted step; k = 0, c = 1 on the first
     accepted step; k = 1, c = 0 (and a zeroed grad, which may be non-finite) where not ``ok``."""
     coef = (1.0 - rho) if form == "ema" else 1.0
-    one = torch.ones((), dtype=buf.dtype, device=buf.device)
-    zero = torch.zeros((), dtype=buf.dtype, device=buf.device)
-    keep = torch.where(ok, torch.where(started, rho * one, zero), one)
-    gain = torch.where(ok, torch.where(started, coef * one, one), zero)
+    started_kg, first_kg, skip_kg, zero = _coefficients(rho, coef, buf.dtype, buf.device)
+    keep, gain = torch.where(ok, torch.where(started, started_kg, first_kg), skip_kg).unbind()
     return buf.mul_(keep).addcmul_(torch.where(ok, grad, zero), gain)
+
+
+#: (rho, coef, dtype, device) -> the cached (k, c) pairs of momentum_update_ and a zero
+_COEFFICIENTS: dict = {}
+
+
+def _coefficients(rho: float, coef: float, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Read-only device constants (k, c) = (rho, coef), (0, 1), (1, 0), and a 0-dim zero."""
+    key = (rho, coef, dtype, device)
+    got = _COEFFICIENTS.get(key)
+    if got is None:
+        with torch.inference_mode(False):
+            got = tuple(torch.tensor(v, dtype=dtype, device=device)
+                        for v in ([rho, coef], [0.0, 1.0], [1.0, 0.0], 0.0))
+        _COEFFICIENTS[key] = got
+    return got

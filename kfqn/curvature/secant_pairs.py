@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option, register
+from kfqn.core.finite import finite_exact
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
@@ -53,28 +54,29 @@ class SecantPairsG(GEstimator):
         self.factor = ctx.factor(self.opts["update"], d)
         self.damping = ctx.damping(self.opts["damping"])
         self.needs_trial_pass = self.opts["source"] == "extra_pass"
-        self.s_avg = torch.zeros(d, dtype=dt, device=dev)
-        self.y_avg = torch.zeros(d, dtype=dt, device=dev)
+        self._set_buffers(_rows2(d, dt, dev), _rows2(d, dt, dev))
         self.pairs = torch.zeros((), dtype=torch.long, device=dev)
-        self.prev_h = torch.zeros(d, dtype=dt, device=dev)
-        self.prev_g = torch.zeros(d, dtype=dt, device=dev)
         self.has_prev = torch.zeros((), dtype=torch.bool, device=dev)
         self.rejected = torch.zeros((), dtype=torch.long, device=dev)
+
+    def _set_buffers(self, avg: Tensor, prev: Tensor) -> None:
+        """The pair averages [s_avg; y_avg] and the previous means [prev_h; prev_g] as (2, d)
+        buffers (:func:`_rows2`), each row a view (one op updates both)."""
+        self._avg, self._prev = avg, prev
+        self.s_avg, self.y_avg = avg.unbind(0)
+        self.prev_h, self.prev_g = prev.unbind(0)
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.ctx.dtype)
 
-    def _absorb(self, s: Tensor, y: Tensor, g_ref: Tensor, allow: Tensor, mu2: float) -> None:
+    def _absorb(self, pair: Tensor, g_ref: Tensor, allow: Tensor, mu2: float) -> None:
+        """Absorb the pair [s; y] (``pair``, shape (2, d)) where ``allow``."""
         beta = self.opts["ema"]
-        s_new = beta * self.s_avg + (1.0 - beta) * s
-        y_new = beta * self.y_avg + (1.0 - beta) * y
+        new = beta * self._avg + (1.0 - beta) * pair
         if self.opts["ema_init"] == "first":
-            first = self.pairs == 0
-            s_new = torch.where(first, s, s_new)
-            y_new = torch.where(first, y, y_new)
-        self.s_avg.copy_(torch.where(allow, s_new, self.s_avg))   # in place: static addresses
-        self.y_avg.copy_(torch.where(allow, y_new, self.y_avg))
-        self.pairs += allow.long()
+            new = torch.where(self.pairs == 0, pair, new)
+        torch.where(allow, new, self._avg, out=self._avg)   # in place: static addresses
+        self.pairs.add_(allow)
         d = self.damping(self.s_avg, self.y_avg, self.factor.apply, mu2)
         sy = torch.dot(d.s, d.y)
         gate = allow
@@ -82,7 +84,7 @@ class SecantPairsG(GEstimator):
             bound = self.opts["norm_gate_eps"] * torch.dot(d.s, d.s) * torch.linalg.vector_norm(g_ref)
             gate = gate & (sy > bound)
         accepted = self.factor.update(d.s, d.y, gate)
-        self.rejected += (allow & ~accepted).long()
+        self.rejected.add_(allow > accepted)                  # allow and not accepted
         st = self._stats
         st["sy_raw"] = torch.dot(self.s_avg, self.y_avg)
         st["sy"] = sy
@@ -94,8 +96,8 @@ class SecantPairsG(GEstimator):
     def prepare(self, cap: Capture, info: StepInfo) -> None:
         if self.opts["source"] != "next_iterate":
             return
-        h, g = self._cast(cap.h_mean), self._cast(cap.g_mean)
-        self._absorb(self.prev_h - h, self.prev_g - g, self.prev_g, self.has_prev & info.ok, info.mu2)
+        cur = torch.stack([self._cast(cap.h_mean), self._cast(cap.g_mean)])
+        self._absorb(self._prev - cur, self.prev_g, self.has_prev & info.ok, info.mu2)
 
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m)
@@ -104,15 +106,19 @@ class SecantPairsG(GEstimator):
         return self.factor.apply_right(mt)
 
     def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
-        h, g = self._cast(cap.h_mean), self._cast(cap.g_mean)
-        ok = info.ok & torch.isfinite(trial.g_mean).all() & torch.isfinite(trial.h_mean).all()
-        self._absorb(h - self._cast(trial.h_mean), g - self._cast(trial.g_mean), g, ok, info.mu2)
+        g = self._cast(cap.g_mean)
+        cur = torch.stack([self._cast(cap.h_mean), g])
+        raw = torch.stack([trial.h_mean, trial.g_mean])
+        at = self._cast(raw)
+        # the trial means finite (before the cast, which could overflow)
+        ok = info.ok & finite_exact(raw)
+        self._absorb(cur - at, g, ok, info.mu2)
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         if self.opts["source"] != "next_iterate":
             return
-        self.prev_h.copy_(torch.where(info.ok, self._cast(cap.h_mean), self.prev_h))
-        self.prev_g.copy_(torch.where(info.ok, self._cast(cap.g_mean), self.prev_g))
+        cur = torch.stack([self._cast(cap.h_mean), self._cast(cap.g_mean)])
+        torch.where(info.ok, cur, self._prev, out=self._prev)
         self.has_prev |= info.ok  # a skipped step keeps the pair it would close
 
     def factors(self) -> dict[str, Tensor]:
@@ -125,8 +131,22 @@ class SecantPairsG(GEstimator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factor.load_state_dict(state["factor"])
-        dev = self.ctx.device
-        for key in ("s_avg", "y_avg", "prev_h", "prev_g"):
-            setattr(self, key, state[key].to(dev, self.ctx.dtype).clone())
+        dev, dt = self.ctx.device, self.ctx.dtype
+        bufs = []
+        for a, b in (("s_avg", "y_avg"), ("prev_h", "prev_g")):
+            buf = _rows2(state[a].shape[0], dt, dev)
+            buf[0].copy_(state[a])
+            buf[1].copy_(state[b])
+            bufs.append(buf)
+        self._set_buffers(*bufs)
         for key in ("pairs", "has_prev", "rejected"):
             setattr(self, key, state[key].to(dev).clone())
+
+
+def _rows2(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero (2, d) buffer whose second row starts 64-byte aligned, like a tensor of its own:
+    BLAS reductions (dot products, norms) of a row then round as they did on separate vectors
+    (their results can depend on the alignment of the start)."""
+    per = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    pad = -(-d // per) * per
+    return torch.zeros(2, pad, dtype=dtype, device=device)[:, :d]
