@@ -385,7 +385,7 @@ def _closed_form(preset: str, dims: list[tuple[str, int, int]]) -> tuple[int, in
     sa, sg = sum(a for _, a, _ in dims), sum(g for _, _, g in dims)
     sa2, sg2 = sum(a * a for _, a, _ in dims), sum(g * g for _, _, g in dims)
     return {"kbfgs": (2, 4 * (4 * sg + 1 + sa2 + sa)),
-            "kfbfgs_cnn": (2 + n, 4 * (4 * sg + 1 + 2 * sa)),
+            "kfbfgs_cnn": (2, 4 * (4 * sg + 1 + 2 * sa)),
             "kfac": (1, 4 * (2 * sg + 1 + sa2 + sg2)),
             "shampoo": (1, 4 * (2 * sg + 1)),
             "adam": (1, 4)}[preset]

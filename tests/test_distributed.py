@@ -71,7 +71,8 @@ def reference():
 def _expected_calls(preset: str, placement: str) -> float:
     """Collective calls per steady-state step: one per pass (the closure, and the extra pass
     where the preset has one), one more for the owners' directions; under ``replicated`` the
-    minibatch Hessian action adds one per layer (its s_a = H_a v needs the averaged v first)."""
+    minibatch Hessian action (its s_a = H_a v needs the averaged v first) rides in the extra
+    pass's round, or takes one round of its own without an extra pass."""
     import kfqn
 
     opt = quiet(kfqn.build_optimizer, W.model(), W.spec(preset, placement))
@@ -80,9 +81,9 @@ def _expected_calls(preset: str, placement: str) -> float:
     calls = 1 + int(opt._needs_trial)
     if placement == "owner":
         return calls + 1
-    if opt.config["preconditioner"]["name"] == "kronecker" and \
+    if opt.config["preconditioner"]["name"] == "kronecker" and not opt._needs_trial and \
             opt.config["a_side"]["name"] == "minibatch_hessian_action":
-        calls += len(opt.layers)
+        calls += 1
     return calls
 
 

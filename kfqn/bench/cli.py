@@ -83,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run every method at 1 and at N ranks (CPU, gloo, spawned processes, "
                            "same global batch): step times, kfqn's statistics all-reduces per "
                            "step (calls, bytes) against their formula, DDP's gradient bytes")
+    dist.add_argument("--placement", choices=["replicated", "owner", "both"],
+                      default="replicated",
+                      help="--nproc: where the kfqn methods' factor work runs at N ranks "
+                           "(config key placement); 'owner' and 'both' add METHOD+owner columns")
     dist.add_argument("--timeout", type=float, default=900.0, metavar="S",
                       help="--nproc: kill a world size's process group after S seconds "
                            "(default 900)")
@@ -216,9 +220,16 @@ def run_distributed(args: argparse.Namespace, suite: dict, methods: list, specs:
         raise ConfigError("--nproc must be >= 2")
     if args.device == "cuda":
         raise ConfigError("--nproc runs on the CPU (gloo); leave --device out")
+    placement = getattr(args, "placement", "replicated")
+    if placement != "replicated":
+        from dataclasses import replace
+
+        owners = [replace(m, label=f"{m.label}+owner", dotlist=(*m.dotlist, "placement=owner"))
+                  for m in methods if m.preset is not None]
+        methods = owners if placement == "owner" else [*methods, *owners]
     start = time.perf_counter()
     meta = _meta(mode=mode, nproc=args.nproc, warmup=warmup, repeats=repeats,
-                 threads_per_rank=threads)
+                 threads_per_rank=threads, placement=placement)
     records = run_scaling(specs, methods, suite, args.nproc, warmup, repeats, args.seed,
                           threads, args.timeout, log=lambda s: print(s, flush=True))
     meta["elapsed_s"] = time.perf_counter() - start

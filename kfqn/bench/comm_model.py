@@ -33,20 +33,22 @@ the widest dtype of its parts, s = that dtype's size):
 
 * the extra pass (``g_side.source: extra_pass``: kbfgs, kbfgs_l, kfbfgs_cnn, kfbfgs_l_cnn): the
   h and g means at theta+ (2 sum d_g), one more call;
-* outside the rounds: ``minibatch_hessian_action`` under ``placement: replicated`` averages the
-  Hessian action (d_a) when it is formed, one call per layer (s_a = H_a v needs the averaged v
-  first); EKFAC's scaling S (d_g d_a) at its statistics and basis steps, one call per layer;
+* after the move: ``minibatch_hessian_action`` under ``placement: replicated`` declares the
+  Hessian action at s_a = H_a v (d_a; it needs the averaged v of the first round): it travels
+  in the extra pass's round, or, without an extra pass (kfbfgs_ll_cnn), in a round of its own;
+* outside the rounds: EKFAC's scaling S (d_g d_a) at its statistics and basis steps, one call
+  per layer;
 * ``placement: owner``: the owners' directions, sum d_g d_a numbers in ``factor_dtype``, one
   call (an all-reduce of a buffer with zeros where a rank does not own the layer);
 * first-order presets (adam, sgd_m, rmsprop; no preconditioned layer): the flag alone, 4 bytes.
 
 So, in float32 (every s = 4), bytes and calls per step (replicated; owner adds
 4 sum d_g d_a bytes and 1 call, and for the minibatch presets 4 sum d_a^2 bytes less the
-actions' 4 sum d_a, with the L action calls gone)::
+actions' 4 sum d_a, kfbfgs_ll_cnn's own round gone)::
 
     kbfgs, kbfgs_l        4 (4 sum d_g + 1 + sum (d_a^2 + d_a))        2 calls
-    kfbfgs_cnn, _l_cnn    4 (4 sum d_g + 1 + 2 sum d_a)                2 + L calls
-    kfbfgs_ll_cnn         4 (2 sum d_g + 1 + 2 sum d_a)                1 + L calls
+    kfbfgs_cnn, _l_cnn    4 (4 sum d_g + 1 + 2 sum d_a)                2 calls
+    kfbfgs_ll_cnn         4 (2 sum d_g + 1 + 2 sum d_a)                2 calls
     kfac                  4 (2 sum d_g + 1 + sum (d_a^2 + d_g^2) / T1) 1 call
     shampoo               4 (2 sum d_g + 1)                            1 call
     adam, sgd_m, rmsprop  4                                            1 call
@@ -146,8 +148,9 @@ def _owner(opt: Any) -> bool:
 
 
 def _kronecker(layer: Any, step: int, steady: bool,
-               owner: bool) -> tuple[list[_Part], list[Collective]]:
-    """(parts of the closure's round, calls of their own) of a kronecker layer."""
+               owner: bool) -> tuple[list[_Part], list[_Part]]:
+    """(parts of the closure's round, parts declared for after the move) of a kronecker
+    layer."""
     pre, name = layer.precond, layer.name
     d_a, dx = layer.adapter.d_a, _act_dtype(layer)
     a, g = pre.a, pre.g
@@ -163,7 +166,7 @@ def _kronecker(layer: Any, step: int, steady: bool,
         if owner or start:
             parts.append(("A (batch)" if owner else "A (first batch)", d_a * d_a, dx))
             return parts, []
-        return parts, [Collective("Hessian action", name, d_a, dx)]
+        return parts, [("Hessian action", d_a, dx)]
     raise UnknownCommModel(f"a_side {a_kind!r}: no communication model")
 
 
@@ -197,26 +200,30 @@ def step_collectives(opt: Any, step: int | None = None, steady: bool = False) ->
     layers = _layers(opt)
     owner = _owner(opt)
     parts = _captures(layers, "h, g means") + [("finite flag", 1, torch.float32)]
+    moved: list[_Part] = []
     calls: list[Collective] = []
     for layer in layers:
         kind = getattr(layer.precond, "name", type(layer.precond).__name__)
         if kind == "kronecker":
-            more, own = _kronecker(layer, step, steady, owner)
+            more, after = _kronecker(layer, step, steady, owner)
+            moved += after
         elif kind in ("kfac", "ekfac"):
             more, own = _kfac(layer, step, steady, opt)
+            calls += own
         elif kind == "shampoo":
-            more, own = [], []
+            more = []
         else:
             raise UnknownCommModel(f"preconditioner {kind!r}: no communication model")
         parts += more
-        calls += own
     out = [_round("closure's pass", parts)] + calls
     if owner and layers:
         out.append(Collective("directions (placement=owner)", None,
                               sum(l.adapter.d_g * l.adapter.d_a for l in layers),
                               opt.factor_dtype))
     if layers and any("trial" in l.precond.needs for l in layers):
-        out.append(_round("extra pass", _captures(layers, "h, g means at theta+")))
+        out.append(_round("extra pass", _captures(layers, "h, g means at theta+") + moved))
+    elif moved:
+        out.append(_round("after the move", moved))
     return out
 
 

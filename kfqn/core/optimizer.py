@@ -658,19 +658,26 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 fallback.step(ok)
             t4 = time.perf_counter()
             times["fallback"] = t4 - t3
-            for layer in active:
-                if layer.owned:
-                    layer.precond.after_move(statistics[layer.name], infos[layer.name])
+            trial_next = bool(self._needs_trial and active and closure is not None)
+            # data-parallel: the statistics declared for after the move ('moved', e.g. the
+            # Hessian action at s_a = H_a v) travel in the extra pass's round when there is one,
+            # and after_move runs after it (the extra pass does not read the factors)
+            deferred = self.comm.world_size > 1 and trial_next
+            if not deferred:
+                if self.comm.world_size > 1:
+                    self._reduce_round(active, "moved")
+                self._after_move(active, statistics, infos)
             t5 = time.perf_counter()
             times["factor_updates"] += t5 - t4
-        if self._needs_trial and active and closure is not None:
+        if trial_next:
             self._trial_pass(closure, rng_before, rng_after)
             t6 = time.perf_counter()
             times["extra_pass"] = t6 - t5
             t5 = t6
             with torch.no_grad():
-                if self.comm.world_size > 1:
-                    self._reduce_round(active, "trial")
+                if deferred:
+                    self._reduce_round(active, "trial", also="moved")
+                    self._after_move(active, statistics, infos)
                 for layer in active:
                     stats = statistics[layer.name]
                     stats.trial = layer.hooks.slots["trial"]
@@ -691,14 +698,24 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self._step_count += 1
         return loss
 
-    def _reduce_round(self, active: list[Layer], phase: str,
-                      ok: Tensor | None = None) -> Tensor | None:
-        """Data-parallel: the one all-reduce of a pass. It averages the h and g means the capture
-        hooks recorded, every statistic the layers' preconditioners declared for this pass
-        (``batch_means``; evaluated by every rank for every layer, owned or not) and the
-        non-finite flag; the preconditioners then read their averages from their
-        ReducingAdapter's memo. Returns the global flag (true only if true on every rank)."""
-        caps = [l.hooks.slots[phase] for l in active]
+    def _after_move(self, active: list[Layer], statistics: StepStatistics,
+                    infos: dict[str, StepInfo]) -> None:
+        for layer in active:
+            if layer.owned:
+                layer.precond.after_move(statistics[layer.name], infos[layer.name])
+
+    def _reduce_round(self, active: list[Layer], phase: str, ok: Tensor | None = None,
+                      also: str | None = None) -> Tensor | None:
+        """Data-parallel: the one all-reduce of a pass ('current', 'trial'; 'moved': after the
+        move, or ``also`` with the trial pass). It averages the h and g means the capture
+        hooks recorded, every statistic the layers' preconditioners declared for the phase
+        (``batch_means``; evaluated by every rank for every layer, owned or not; 'moved' ones
+        by the owners, from the current capture) and the non-finite flag; the preconditioners
+        then read their averages from their ReducingAdapter's memo (kept until the step ends).
+        Returns the global flag (true only if true on every rank). No call when there is
+        nothing to average (the same on every rank)."""
+        cur = [l.hooks.slots["current"] for l in active]
+        caps = [l.hooks.slots[phase] for l in active] if phase != "moved" else []
         tensors: list[Tensor] = []
         where: list[tuple[Any, str]] = []
         for cap in caps:
@@ -707,18 +724,18 @@ class KFQNOptimizer(torch.optim.Optimizer):
                     tensors.append(getattr(cap, key))
                     where.append((cap, key))
         declared: list[tuple[Layer, str]] = []
-        for layer, cap in zip(active, caps):
-            for key, local in layer.precond.batch_means(phase, self._step_count).items():
-                tensors.append(local(layer.adapter, cap))
-                declared.append((layer, key))
+        for ph in (phase, also) if also else (phase,):
+            for layer, cap in zip(active, caps if ph != "moved" else cur):
+                for key, local in layer.precond.batch_means(ph, self._step_count).items():
+                    tensors.append(local(layer.adapter, cap))
+                    declared.append((layer, key))
         if ok is not None:
             tensors.append((~ok).to(torch.float32).reshape(1))
+        if not tensors:
+            return None if ok is None else ok
         reduced = self.comm.mean_many(tensors)
         for (cap, key), t in zip(where, reduced):
             setattr(cap, key, t)
-        for layer in active:
-            if layer.reducer is not None:
-                layer.reducer.memo = {}
         for (layer, key), t in zip(declared, reduced[len(where):]):
             if layer.reducer is not None:
                 layer.reducer.memo[key] = t

@@ -89,7 +89,8 @@ class _Estimator(Component):
 
     def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
         """The batch means of this rank's data that the estimator will ask for in ``phase``
-        ('warm', 'current', 'trial'), keyed by adapter method name (``input_mean``,
+        ('warm', 'current', 'trial'; 'moved': see
+        :meth:`kfqn.preconditioners.base.LayerPreconditioner.batch_means`), keyed by adapter method name (``input_mean``,
         ``input_covariance``) or by the key it passes to ``ctx.batch_mean``; each maps (the
         layer adapter, the pass's capture) to the local value. Computed on every rank -- also on
         ranks that do not own the layer -- so they must not read the estimator's state."""

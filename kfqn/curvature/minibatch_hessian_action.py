@@ -37,8 +37,14 @@ class MinibatchHessianActionA(AEstimator):
     def batch_means(self, phase: str, step: int) -> dict[str, BatchMean]:
         """v every step; the batch A at the first-batch start and, under ``placement: owner``,
         every step: the other ranks cannot form the action A s_a without H_a, so the owner
-        takes y_a = A s_a from the averaged A (d_a^2 numbers instead of d_a; one round). Under
-        ``replicated`` the action is averaged when it is formed (one call per layer)."""
+        takes y_a = A s_a from the averaged A (d_a^2 numbers instead of d_a). Otherwise the
+        action at s_a = H_a v (v averaged in the closure's round) is declared for after the
+        move ('moved': every rank holds H_a), d_a numbers in the next round."""
+        if phase == "moved":
+            memo = getattr(self.ctx.adapter, "memo", {})
+            if self.ctx.placement == "owner" or "input_covariance" in memo:
+                return {}
+            return {"hessian_action": self._local_action}
         if phase != "current":
             return {}
         start = self.opts["init"] == "batch_inverse" and (not self.initialised
@@ -82,6 +88,11 @@ class MinibatchHessianActionA(AEstimator):
 
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m.T).T
+
+    def _local_action(self, adapter: Any, cap: Capture) -> Tensor:
+        """This rank's (1/m) sum abar abar^T s_a at the s_a that :meth:`after_step` forms."""
+        s = self.factor.apply(self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype))
+        return adapter.hessian_action(cap.inp, s.to(cap.inp.dtype))
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         adapter, dt = self.ctx.adapter, self.ctx.dtype

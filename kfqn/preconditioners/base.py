@@ -89,8 +89,13 @@ class LayerPreconditioner(Component):
         ``phase`` ('warm': a warm-start batch, 'current', 'trial'), keyed as the preconditioner
         asks for them (adapter method names, or the key given to ``ctx.batch_mean``); each maps
         (the layer adapter, the pass's capture) to the local value. Evaluated on every rank,
-        including those that do not own the layer: no state may be read.
-        (:func:`kfqn.curvature.base.input_means` builds the entries of input statistics.)"""
+        including those that do not own the layer: no state may be read. Phase 'moved' is the
+        exception: statistics for :meth:`after_move` that depend on the state and on averages
+        of the first round (e.g. an action at s = H v), evaluated on the current capture by
+        every rank that holds the layer (never under ``placement: owner``); they travel in the
+        extra pass's round, after which :meth:`after_move` then runs, or in a round of their
+        own. Keys hold for the whole step. (:func:`kfqn.curvature.base.input_means` builds
+        the entries of input statistics.)"""
         return {}
 
     # -- warm start -------------------------------------------------------------------------
