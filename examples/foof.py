@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 import kfqn
+from kfqn.curvature.base import input_means
 from kfqn.preconditioners.base import LayerPreconditioner
 
 
@@ -39,6 +40,13 @@ class FOOF(LayerPreconditioner):
         self.a = torch.zeros(d, d, dtype=ctx.dtype, device=ctx.device)
         self.h_a = torch.eye(d, dtype=ctx.dtype, device=ctx.device)
         self.seen = torch.zeros((), dtype=torch.bool, device=ctx.device)
+
+    # data-parallel: the batch statistic it averages over the ranks, declared so that one
+    # all-reduce carries it with every other layer's; then placement=owner can run it too
+    owner_placement = True
+
+    def batch_means(self, phase: str, step: int) -> dict:
+        return input_means("input_covariance") if phase == "current" else {}
 
     def prepare(self, stats, info) -> None:
         batch = self.ctx.adapter.input_covariance(stats.current.inp).to(self.ctx.dtype)

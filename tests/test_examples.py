@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import kfqn
 import test_preconditioners as contract
@@ -53,3 +54,24 @@ def test_foof_direction_is_m_times_the_damped_inverse(foof_registered):
     want = grad @ torch.linalg.inv(a + 0.1 * torch.eye(4, dtype=torch.float64))
     got = w0 - torch.cat([model[0].weight, model[0].bias[:, None]], 1).detach()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_foof_declares_its_statistics_for_owner_placement(foof_registered):
+    """The example declares its batch statistic: placement=owner builds it (meta copies on the
+    ranks that do not own a layer) and its first round carries A's local value."""
+    from kfqn.core.communicator import Communicator
+
+    class RankView(Communicator):
+        rank, world_size = 1, 2
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = kfqn.build_optimizer(model, {"preconditioner": "foof", "placement": "owner"},
+                               comm=RankView())
+    owned = {n: l.owned for n, l in opt.layers.items()}
+    assert sorted(owned.values()) == [False, True]
+    shadow = next(l for l in opt.layers.values() if not l.owned)
+    assert shadow.precond.a.is_meta
+    plan = shadow.precond.batch_means("current", 0)
+    x = torch.randn(5, 4)
+    local = plan["input_covariance"](shadow.adapter, type("Cap", (), {"inp": x})())
+    assert local.shape == (shadow.adapter.d_a, shadow.adapter.d_a) and not local.is_meta
