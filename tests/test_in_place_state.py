@@ -42,3 +42,45 @@ def test_state_tensors_keep_their_addresses(preset):
     after = addresses(opt.state_dict())
     moved = sorted(k for k in before if k in after and before[k] != after[k])
     assert not moved, f"{preset}: state tensors replaced instead of updated in place: {moved}"
+
+
+@pytest.mark.parametrize("preset", all_presets())
+def test_torch_state_view_is_live(preset):
+    """``opt.state`` (torch.optim's per-parameter state) covers every trainable parameter and
+    holds kfqn's own state tensors, not copies: a view taken before ten steps shows their
+    values after them."""
+    x, y = teacher_data(64)
+    model = small_cnn()
+    opt = quiet(kfqn.build_optimizer, model, preset)
+    if opt.needs_warm_start:
+        with opt.warm_start():
+            model(x)
+    data = batches(x, y, 16)
+    for _ in range(3):
+        opt.step(make_closure(opt, model, *next(data)))
+    view = opt.state
+    assert set(map(id, view)) == {id(p) for p in model.parameters() if p.requires_grad}
+    owned = {t.data_ptr() for t in _tensors(opt.state_dict())}
+    for p, entry in view.items():
+        assert entry and all(t.data_ptr() in owned for t in entry.values()), preset
+    snapshot = {(id(p), k): t.clone() for p, e in view.items() for k, t in e.items()}
+    for _ in range(10):
+        opt.step(make_closure(opt, model, *next(data)))
+    fresh = opt.state
+    changed = 0
+    for p, entry in view.items():
+        for k, t in entry.items():
+            assert torch.equal(t, fresh[p][k]), f"{preset}: opt.state[{k}] went stale"
+            changed += not torch.equal(t, snapshot[id(p), k])
+    assert changed, preset
+
+
+def _tensors(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, torch.Tensor):
+        yield obj

@@ -104,6 +104,18 @@ def _to_cpu(tree: Any) -> Any:
     return tree
 
 
+def _flat_tensors(tree: Any, prefix: str, out: dict[str, Tensor]) -> None:
+    """The tensors of a state tree, keyed by their dotted path."""
+    if isinstance(tree, Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _flat_tensors(v, f"{prefix}.{k}", out)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _flat_tensors(v, f"{prefix}.{i}", out)
+
+
 def _family(config: dict) -> str:
     """The preconditioner family of a config, with its estimators for ``kronecker``."""
     name = config["preconditioner"]["name"]
@@ -848,6 +860,44 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 for t in fallback.state_dict().get("buf", {}).values():
                     total += t.numel() * t.element_size()
         return total
+
+    # -- torch.optim's per-parameter state ----------------------------------------------------
+    @property
+    def state(self) -> dict[Tensor, dict[str, Tensor]]:
+        """torch.optim's ``opt.state``: parameter -> its state tensors, here a live view of the
+        tensors kfqn updates in place (the same objects, not copies): for a preconditioned
+        layer's parameters ``momentum``, ``started``, ``dir_rejected`` and its preconditioner's
+        state under ``precond.<path>`` (a grouped conv's parameters carry every block's, keys
+        prefixed ``<block>/``); for fallback parameters the rule's tensors (``buf``, ``m``,
+        ``v``, ...). Under ``placement: owner`` only the layers this rank owns. A layer's
+        factors are not per-parameter quantities: the weight's and the bias's entries are the
+        same tensors. Checkpoints go through :meth:`state_dict` (keyed by names)."""
+        view: dict[Tensor, dict[str, Tensor]] = {}
+        blocks: dict[int, int] = {}
+        for layer in self.layers.values():
+            for p in layer.adapter.params():
+                blocks[id(p)] = blocks.get(id(p), 0) + 1
+        for layer in self.layers.values():
+            if not layer.owned:
+                continue
+            entry = {"momentum": layer.momentum, "started": layer.started,
+                     "dir_rejected": layer.dir_rejected}
+            _flat_tensors(layer.precond.state_dict(), "precond", entry)
+            for p in layer.adapter.params():
+                prefix = f"{layer.name}/" if blocks[id(p)] > 1 else ""
+                view.setdefault(p, {}).update({prefix + k: v for k, v in entry.items()})
+        params = {n: p for n, p in self.model.named_parameters()}
+        for fallback in self._fallbacks():
+            for kind, per_name in fallback.state_dict().items():
+                if isinstance(per_name, dict):
+                    for name, t in per_name.items():
+                        if name in params and isinstance(t, Tensor):
+                            view.setdefault(params[name], {})[kind] = t
+        return view
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        """torch.optim.Optimizer.__init__ assigns an empty dict; kfqn's state lives elsewhere."""
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _model_signature(self) -> dict[str, Any]:
