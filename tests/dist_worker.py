@@ -101,6 +101,26 @@ def run(rank: int, world: int, folder: str, presets: list[str],
                     "weights": weights, "calls_per_step": per_step, "calls": opt.comm.calls,
                     "bytes": opt.comm.bytes, "state_bytes": opt.state_bytes(),
                     "owned": [n for n, l in opt.layers.items() if l.owned]}
+        # the plain module and the process group (gradients averaged by the closure, no DDP)
+        net = model()
+        opt = kfqn.build_optimizer(net, spec("kbfgs"), comm=dist.group.WORLD)
+        warm(opt, net, x, rank, world)
+        local = BATCH // world
+        for k in range(STEPS):
+            xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+            yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
+
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(net(xb), yb)
+                loss.backward()
+                for p in net.parameters():
+                    if p.grad is not None:   # None in the extra pass (parameters frozen)
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                return loss
+            opt.step(closure)
+        out["plain module + process group"] = flat(net)
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

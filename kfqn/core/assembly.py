@@ -63,8 +63,10 @@ def build_optimizer(model: nn.Module, spec: Any = "kbfgs", *,
 
     Data-parallel training: pass the ``DistributedDataParallel``-wrapped model (statistics are
     then averaged over its process group, so every rank holds the same factors), or the plain
-    module and ``comm=kfqn.core.communicator.TorchDistributed(group)`` when the gradients are
-    averaged some other way.
+    module and ``comm=group`` (a ``torch.distributed`` process group, or a
+    :class:`kfqn.core.communicator.Communicator`) when the gradients are averaged some other
+    way. ``placement="owner"`` keeps each layer's factors on one rank (README, Data-parallel
+    training).
     """
     from kfqn.core.optimizer import KFQNOptimizer
 

@@ -169,6 +169,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             model = model.module
             if comm is None:
                 comm = TorchDistributed(self._ddp.process_group)
+        if comm is not None and not hasattr(comm, "mean_many"):  # a torch ProcessGroup
+            comm = TorchDistributed(comm)
         self.comm = comm if comm is not None else Communicator()
         # a torch.compile'd model: hooks and names go to the module it wraps (names then match the
         # eager model's, so checkpoints move between the two); the capture hooks run eagerly
