@@ -568,7 +568,12 @@ class KFQNOptimizer(torch.optim.Optimizer):
             return  # e.g. evaluation; the estimators explain a missing result in prepare
         # one config: the first layer's preconditioner speaks for all (the first one this rank
         # holds, under placement=owner; every layer counts the same accepted steps)
-        owner = next(l.precond for l in self._sampling_layers if l.owned)
+        owner = next((l.precond for l in self._sampling_layers if l.owned), None)
+        if owner is None:   # placement=owner, this rank's sampling layers all released
+            raise KfqnError(
+                f"placement=owner: rank {self.comm.rank} no longer owns a layer that draws the "
+                "Fisher's labels (its layers were released to the fallback); use "
+                "placement=replicated")
         if not owner.wants_sampled_grads(self._step_count):
             return
         layers = [l for l in self._sampling_layers
