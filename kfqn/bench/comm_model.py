@@ -11,8 +11,9 @@ Notation, per preconditioned layer l: ``d_a`` (homogeneous input dimension: c_in
 ``d_g`` (output dimension); ``s_x`` = bytes per element of the layer's activations (its weight
 dtype, 4 for float32), ``s_f`` = bytes per element of ``factor_dtype``; L layers. The number of
 positions |T| (conv output pixels) never enters: every statistic is a mean over batch *and*
-positions before it is averaged. One all-reduce ("call") per ``comm.mean`` and one per dtype
-of a ``comm.mean_many``; its bytes are what the rank contributes (``numel * element_size``).
+positions before it is averaged. One all-reduce ("call") per ``comm.mean_many`` (or
+``comm.mean``, ``comm.sum_``); its bytes are what the rank contributes (``numel *
+element_size`` of the flat buffer, in the widest dtype of its parts).
 
 Per step (steady state: after the first accepted step, warm start done), one all-reduce per
 pass carries everything that pass averages (``KFQNOptimizer._reduce_round``: one flat buffer in
