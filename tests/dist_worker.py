@@ -34,17 +34,22 @@ def spec(preset: str, placement: str = "replicated") -> dict:
     return {"preset": preset, "factor_dtype": "float64", "lr": 0.05, "placement": placement}
 
 
-def train(net, opt, x, y, steps, start=0, rank=0, world=1):
-    """``steps`` steps on batches start.., each rank on its slice of the global batch."""
+def train(net, opt, x, y, steps, start=0, rank=0, world=1, before=None, after=None):
+    """``steps`` steps on batches start.., each rank on its slice of the global batch;
+    ``before(k)`` / ``after()`` run in the closure before the forward / after the backward."""
     local = BATCH // world
     for k in range(start, start + steps):
         xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
         yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
 
         def closure():
+            if before is not None:
+                before(k)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(xb), yb)
             loss.backward()
+            if after is not None:
+                after()
             return loss
         opt.step(closure)
 
@@ -61,14 +66,18 @@ def flat(net) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
-def run(rank: int, world: int, folder: str, presets: list[str],
-        placements: tuple[str, ...] = ("replicated", "owner")) -> None:
-    import kfqn
-
+def _init(rank: int, world: int, folder: str) -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
+
+
+def run(rank: int, world: int, folder: str, presets: list[str],
+        placements: tuple[str, ...] = ("replicated", "owner")) -> None:
+    import kfqn
+
+    _init(rank, world, folder)
     try:
         x, y = data()
         out = {}
@@ -105,21 +114,13 @@ def run(rank: int, world: int, folder: str, presets: list[str],
         net = model()
         opt = kfqn.build_optimizer(net, spec("kbfgs"), comm=dist.group.WORLD)
         warm(opt, net, x, rank, world)
-        local = BATCH // world
-        for k in range(STEPS):
-            xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
-            yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
 
-            def closure():
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(net(xb), yb)
-                loss.backward()
-                for p in net.parameters():
-                    if p.grad is not None:   # None in the extra pass (parameters frozen)
-                        dist.all_reduce(p.grad)
-                        p.grad /= world
-                return loss
-            opt.step(closure)
+        def average_grads():
+            for p in net.parameters():
+                if p.grad is not None:   # None in the extra pass (parameters frozen)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        train(net, opt, x, y, STEPS, 0, rank, world, after=average_grads)
         out["plain module + process group"] = flat(net)
         torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     finally:
@@ -130,28 +131,17 @@ def run_failing(rank: int, world: int, folder: str) -> None:
     """Rank 1's closure raises at step 2; the other ranks are then inside a collective."""
     import kfqn
 
-    warnings.simplefilter("ignore")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    _init(rank, world, folder)
     try:
         x, y = data()
         net = model()
         ddp = nn.parallel.DistributedDataParallel(net)
         opt = kfqn.build_optimizer(ddp, spec("kbfgs", "owner"))
-        local = BATCH // world
-        for k in range(STEPS):
-            xb = x[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
-            yb = y[k * BATCH:(k + 1) * BATCH][rank * local:(rank + 1) * local]
 
-            def closure():
-                if rank == 1 and k == 2:
-                    raise RuntimeError(f"data loader failed on rank {rank} at step {k}")
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(ddp(xb), yb)
-                loss.backward()
-                return loss
-            opt.step(closure)
+        def fail(k):
+            if rank == 1 and k == 2:
+                raise RuntimeError(f"data loader failed on rank {rank} at step {k}")
+        train(ddp, opt, x, y, STEPS, 0, rank, world, before=fail)
         open(os.path.join(folder, f"finished{rank}"), "w").close()
     finally:
         dist.destroy_process_group()

@@ -75,6 +75,18 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def tensors_of(tree):
+    """Every tensor in a nested dict / list / tuple."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from tensors_of(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from tensors_of(v)
+
+
 def flat_state(obj, prefix: str = "") -> dict:
     """Every tensor (cloned) and plain value of a nested state dict, by path ("/a/0/b")."""
     out = {}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import kfqn
-from helpers import all_presets, batches, make_closure, quiet, small_cnn, teacher_data
+from helpers import (all_presets, batches, make_closure, quiet, small_cnn, teacher_data,
+                     tensors_of)
 
 
 def addresses(obj, prefix=""):
@@ -23,19 +24,25 @@ def addresses(obj, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("preset", all_presets())
-def test_state_tensors_keep_their_addresses(preset):
+def _trained(preset, **overrides):
+    """An optimizer of ``preset`` on the small CNN after warm start and three steps, its model
+    and the rest of the batches."""
     x, y = teacher_data(64)
     model = small_cnn()
-    opt = quiet(kfqn.build_optimizer, model, preset,
-                preconditioner={"inverse_every": 3, "inverse_warmup": 1}
-                if preset in ("kfac", "shampoo") else {})
+    opt = quiet(kfqn.build_optimizer, model, preset, **overrides)
     if opt.needs_warm_start:
         with opt.warm_start():
             model(x)
     data = batches(x, y, 16)
     for _ in range(3):
         opt.step(make_closure(opt, model, *next(data)))
+    return opt, model, data
+
+
+@pytest.mark.parametrize("preset", all_presets())
+def test_state_tensors_keep_their_addresses(preset):
+    opt, model, data = _trained(preset, preconditioner={"inverse_every": 3, "inverse_warmup": 1}
+                                if preset in ("kfac", "shampoo") else {})
     before = addresses(opt.state_dict())
     for _ in range(7):  # past an inverse cadence
         opt.step(make_closure(opt, model, *next(data)))
@@ -49,18 +56,10 @@ def test_torch_state_view_is_live(preset):
     """``opt.state`` (torch.optim's per-parameter state) covers every trainable parameter and
     holds kfqn's own state tensors, not copies: a view taken before ten steps shows their
     values after them."""
-    x, y = teacher_data(64)
-    model = small_cnn()
-    opt = quiet(kfqn.build_optimizer, model, preset)
-    if opt.needs_warm_start:
-        with opt.warm_start():
-            model(x)
-    data = batches(x, y, 16)
-    for _ in range(3):
-        opt.step(make_closure(opt, model, *next(data)))
+    opt, model, data = _trained(preset)
     view = opt.state
     assert set(map(id, view)) == {id(p) for p in model.parameters() if p.requires_grad}
-    owned = {t.data_ptr() for t in _tensors(opt.state_dict())}
+    owned = {t.data_ptr() for t in tensors_of(opt.state_dict())}
     for p, entry in view.items():
         assert entry and all(t.data_ptr() in owned for t in entry.values()), preset
     snapshot = {(id(p), k): t.clone() for p, e in view.items() for k, t in e.items()}
@@ -74,13 +73,3 @@ def test_torch_state_view_is_live(preset):
             changed += not torch.equal(t, snapshot[id(p), k])
     assert changed, preset
 
-
-def _tensors(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-    elif isinstance(obj, torch.Tensor):
-        yield obj

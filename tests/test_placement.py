@@ -14,6 +14,7 @@ import kfqn
 from kfqn.core.communicator import Communicator
 from kfqn.core.errors import ConfigError
 from kfqn.core.placement import assign_owners
+from helpers import tensors_of
 
 
 class RankView(Communicator):
@@ -59,19 +60,8 @@ def test_each_layer_on_one_rank_and_the_others_hold_no_factor(preset, n):
         for layer in v.layers.values():
             if not layer.owned:   # a state-free meta copy, no momentum
                 assert layer.momentum.is_meta
-                assert all(t.is_meta for t in _tensors(layer.precond.state_dict()))
+                assert all(t.is_meta for t in tensors_of(layer.precond.state_dict()))
         assert "factors on this rank" in v.describe()
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            yield from _tensors(x)
-    elif isinstance(tree, (list, tuple)):
-        for x in tree:
-            yield from _tensors(x)
 
 
 def test_owner_placement_refuses_what_it_cannot_run():

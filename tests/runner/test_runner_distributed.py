@@ -28,6 +28,8 @@ from kfqn.runner.checkpoint import load_checkpoint
 from kfqn.runner.errors import ConfigError
 from kfqn.runner.logs import read_csv
 
+from helpers import tensors_of
+
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
@@ -254,14 +256,7 @@ def test_owner_placement_checkpoint_resumes(runs):
     # every layer's factors, whoever owned them, as in a replicated run's checkpoint
     ckpt, ref = load_checkpoint(owner)["optimizer"], load_checkpoint(two)["optimizer"]
     assert ckpt["layers"].keys() == ref["layers"].keys() and len(ckpt["layers"]) == 4
-
-    def tensors(tree):
-        if isinstance(tree, torch.Tensor):
-            yield tree
-        elif isinstance(tree, dict):
-            for v in tree.values():
-                yield from tensors(v)
-    assert not any(t.is_meta for t in tensors(ckpt["layers"]))
+    assert not any(t.is_meta for t in tensors_of(ckpt["layers"]))
     assert _max_diff(_params(owner), _params(two)) < 1e-9
 
 
