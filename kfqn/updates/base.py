@@ -17,7 +17,7 @@ rule rejects it, since s^T y = 0).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, Sequence, ClassVar
 
 import torch
 from torch import Tensor
@@ -72,6 +72,14 @@ class InverseFactor(Component):
         """Update from the pair (s, y) where ``allow`` (a bool tensor) holds and the pair is
         admissible; return the bool tensor 'accepted'."""
         raise NotImplementedError
+
+    @classmethod
+    def update_many(cls, factors: Sequence["InverseFactor"], s: Sequence[Tensor],
+                    y: Sequence[Tensor], allow: Sequence[Tensor | None]) -> list[Tensor]:
+        """``[f.update(s_i, y_i, allow_i) for each layer]`` -- the factors of several layers
+        (same class and options, any sizes) updated at one call, bitwise as that loop does;
+        a rule may batch its per-layer scalar logic across the layers (fewer dispatched ops)."""
+        return [f.update(si, yi, ai) for f, si, yi, ai in zip(factors, s, y, allow)]
 
     def apply_right(self, m: Tensor) -> Tensor:
         """m H^T for a matrix (n, dim), i.e. ``apply(m.T).T`` (override for a faster layout)."""
@@ -136,6 +144,12 @@ class Damping(Component):
 
     def __call__(self, s: Tensor, y: Tensor, hy: Callable[[Tensor], Tensor], mu2: float) -> DampingResult:
         raise NotImplementedError
+
+    def many(self, s: Sequence[Tensor], y: Sequence[Tensor],
+             hy: Sequence[Callable[[Tensor], Tensor]], mu2: Sequence[float]) -> list[DampingResult]:
+        """``[self(s_i, y_i, hy_i, mu2_i) for each layer]`` at one call, bitwise as that loop
+        does; a rule may batch its per-layer scalar logic across the layers."""
+        return [self(si, yi, hi, mi) for si, yi, hi, mi in zip(s, y, hy, mu2)]
 
     def guarantee(self, s: Tensor, y: Tensor, hy: Callable[[Tensor], Tensor], mu2: float) -> Tensor:
         """The rule's postcondition on its own output pair (bool tensor), for contract tests."""
