@@ -666,8 +666,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 lam_a, mu2 = self._lambdas(layer)
                 info = StepInfo(ok, self._step_count, lam_a, mu2)
                 infos[layer.name] = info
-                if layer.owned:
-                    layer.precond.prepare(statistics[layer.name], info)
+            self._by_family("prepare", active, statistics, infos)
             t2 = time.perf_counter()
             times["factor_updates"] = t2 - t1
             self._precondition_and_move(active, ok)
@@ -698,14 +697,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
                     self._reduce_round(active, "trial", also="moved")
                     self._after_move(active, statistics, infos)
                 for layer in active:
-                    stats = statistics[layer.name]
-                    stats.trial = layer.hooks.slots["trial"]
-                    if layer.owned:
-                        layer.precond.after_trial(stats, infos[layer.name])
+                    statistics[layer.name].trial = layer.hooks.slots["trial"]
+                self._by_family("after_trial", active, statistics, infos)
         with torch.no_grad():
-            for layer in active:
-                if layer.owned:
-                    layer.precond.end_step(statistics[layer.name], infos[layer.name])
+            self._by_family("end_step", active, statistics, infos)
         for layer in self.layers.values():  # drop references to activations
             layer.hooks.reset("current")
             layer.hooks.reset("trial")
@@ -719,9 +714,22 @@ class KFQNOptimizer(torch.optim.Optimizer):
 
     def _after_move(self, active: list[Layer], statistics: StepStatistics,
                     infos: dict[str, StepInfo]) -> None:
+        self._by_family("after_move", active, statistics, infos)
+
+    @staticmethod
+    def _by_family(hook: str, active: list[Layer], statistics: StepStatistics,
+                   infos: dict[str, StepInfo]) -> None:
+        """``<hook>_group`` of each preconditioner class, once, with every layer of that class
+        this rank holds (in layer order): a family may batch its per-layer work across the
+        layers (:meth:`LayerPreconditioner.prepare_group`)."""
+        groups: dict[type, list[Layer]] = {}
         for layer in active:
             if layer.owned:
-                layer.precond.after_move(statistics[layer.name], infos[layer.name])
+                groups.setdefault(type(layer.precond), []).append(layer)
+        for cls, members in groups.items():
+            getattr(cls, f"{hook}_group")([l.precond for l in members],
+                                          [statistics[l.name] for l in members],
+                                          [infos[l.name] for l in members])
 
     def _reduce_round(self, active: list[Layer], phase: str, ok: Tensor | None = None,
                       also: str | None = None) -> Tensor | None:

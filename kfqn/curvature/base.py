@@ -107,6 +107,17 @@ class _Estimator(Component):
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         """After the parameters moved."""
 
+    # several layers at one call (same class and options; the default is the loop)
+    @classmethod
+    def prepare_group(cls, ests: list, caps: list, infos: list) -> None:
+        for e, c, i in zip(ests, caps, infos):
+            e.prepare(c, i)
+
+    @classmethod
+    def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
+        for e, c, i in zip(ests, caps, infos):
+            e.after_step(c, i)
+
     def apply(self, m: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -214,3 +225,8 @@ class GEstimator(_Estimator):
 
     def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
         """After the extra forward/backward at the trial point."""
+
+    @classmethod
+    def after_trial_group(cls, ests: list, caps: list, trials: list, infos: list) -> None:
+        for e, c, t, i in zip(ests, caps, trials, infos):
+            e.after_trial(c, t, i)

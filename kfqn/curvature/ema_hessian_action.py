@@ -96,21 +96,39 @@ class EMAHessianActionA(AEstimator):
         return self.factor.apply(m.T).T
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
-        ok = info.ok
-        # iteration 0 uses the warm-start (or first-batch) A as it is
-        self._ema(cap.inp, ok & (self.ema_updates > 0))
-        self.ema_updates.add_(ok.long())
-        v = self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype)
-        s = self.factor.apply(v)
-        y = torch.addmv(s, self.a, s, beta=info.lam_a)       # A_LM s = A s + lambda_A s
-        damped = self.damping(s, y, self.factor.apply, info.lam_a)
-        allow = ok
-        if self.opts["norm_gate"]:
-            sy, ss = torch.dot(damped.s, damped.y), torch.dot(damped.s, damped.s)
-            allow = ok & (sy > self.opts["norm_gate_eps"] * ss * torch.linalg.vector_norm(v))
-        accepted = self.factor.update(damped.s, damped.y, allow)
-        self._stats["a_sy"] = torch.dot(damped.s, damped.y)
-        self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (ok & ~accepted).long()
+        type(self).after_step_group([self], [cap], [info])
+
+    @classmethod
+    def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
+        """The EMA of A and the pair (s_a, y_a) layer by layer; the damping and the update of
+        every layer at one call (the rules batch their scalar work across the layers)."""
+        ss, ys, vs = [], [], []
+        for e, cap, info in zip(ests, caps, infos):
+            ok = info.ok
+            # iteration 0 uses the warm-start (or first-batch) A as it is
+            e._ema(cap.inp, ok & (e.ema_updates > 0))
+            e.ema_updates.add_(ok.long())
+            v = e.ctx.adapter.input_mean(cap.inp).to(e.ctx.dtype)
+            s = e.factor.apply(v)
+            ys.append(torch.addmv(s, e.a, s, beta=info.lam_a))   # A_LM s = A s + lambda_A s
+            ss.append(s)
+            vs.append(v)
+        first = ests[0]
+        damped = first.damping.many(ss, ys, [e.factor.apply for e in ests],
+                                    [i.lam_a for i in infos])
+        allows = []
+        for e, d, v, info in zip(ests, damped, vs, infos):
+            allow = info.ok
+            if e.opts["norm_gate"]:
+                sy, sn = torch.dot(d.s, d.y), torch.dot(d.s, d.s)
+                allow = allow & (sy > e.opts["norm_gate_eps"] * sn * torch.linalg.vector_norm(v))
+            allows.append(allow)
+        accepted = type(first.factor).update_many([e.factor for e in ests],
+                                                  [d.s for d in damped], [d.y for d in damped],
+                                                  allows)
+        for e, d, acc, info in zip(ests, damped, accepted, infos):
+            e._stats["a_sy"] = torch.dot(d.s, d.y)
+            e._stats["a_rejected"] = e._stats.get("a_rejected", 0) + (info.ok & ~acc).long()
 
     def _ema(self, inp: Tensor, ok: Tensor) -> None:
         """A <- beta A + (1 - beta) A_batch where ``ok``, else unchanged; in place when the

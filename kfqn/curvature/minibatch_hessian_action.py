@@ -95,16 +95,31 @@ class MinibatchHessianActionA(AEstimator):
         return adapter.hessian_action(cap.inp, s.to(cap.inp.dtype))
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
-        adapter, dt = self.ctx.adapter, self.ctx.dtype
-        v = adapter.input_mean(cap.inp).to(dt)
-        s = self.factor.apply(v)
-        y = adapter.hessian_action(cap.inp, s.to(cap.inp.dtype)).to(dt) + info.lam_a * s
-        damped = self.damping(s, y, self.factor.apply, info.lam_a)
-        accepted = self.factor.update(damped.s, damped.y, info.ok)
-        self._stats["a_sy"] = torch.dot(damped.s, damped.y)
-        for k, act in damped.active.items():
-            self._stats[f"a_{k}"] = act
-        self._stats["a_rejected"] = self._stats.get("a_rejected", 0) + (info.ok & ~accepted).long()
+        type(self).after_step_group([self], [cap], [info])
+
+    @classmethod
+    def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
+        """The pair (s_a, y_a) layer by layer; the damping and the update of every layer at
+        one call (the rules batch their scalar work across the layers)."""
+        ss, ys = [], []
+        for e, cap, info in zip(ests, caps, infos):
+            adapter, dt = e.ctx.adapter, e.ctx.dtype
+            v = adapter.input_mean(cap.inp).to(dt)
+            s = e.factor.apply(v)
+            ys.append(adapter.hessian_action(cap.inp, s.to(cap.inp.dtype)).to(dt)
+                      + info.lam_a * s)
+            ss.append(s)
+        first = ests[0]
+        damped = first.damping.many(ss, ys, [e.factor.apply for e in ests],
+                                    [i.lam_a for i in infos])
+        accepted = type(first.factor).update_many([e.factor for e in ests],
+                                                  [d.s for d in damped], [d.y for d in damped],
+                                                  [i.ok for i in infos])
+        for e, d, acc, info in zip(ests, damped, accepted, infos):
+            e._stats["a_sy"] = torch.dot(d.s, d.y)
+            for k, act in d.active.items():
+                e._stats[f"a_{k}"] = act
+            e._stats["a_rejected"] = e._stats.get("a_rejected", 0) + (info.ok & ~acc).long()
 
     def factors(self) -> dict[str, Tensor]:
         return {"H_a": self.factor.dense()}

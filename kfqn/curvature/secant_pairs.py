@@ -71,33 +71,60 @@ class SecantPairsG(GEstimator):
 
     def _absorb(self, pair: Tensor, g_ref: Tensor, allow: Tensor, mu2: float) -> None:
         """Absorb the pair [s; y] (``pair``, shape (2, d)) where ``allow``."""
-        beta = self.opts["ema"]
-        new = beta * self._avg + (1.0 - beta) * pair
-        if self.opts["ema_init"] == "first":
-            new = torch.where(self.pairs == 0, pair, new)
-        torch.where(allow, new, self._avg, out=self._avg)   # in place: static addresses
-        self.pairs.add_(allow)
-        d = self.damping(self.s_avg, self.y_avg, self.factor.apply, mu2)
-        sy = torch.dot(d.s, d.y)
-        gate = allow
-        if self.opts["norm_gate"]:
-            bound = self.opts["norm_gate_eps"] * torch.dot(d.s, d.s) * torch.linalg.vector_norm(g_ref)
-            gate = gate & (sy > bound)
-        accepted = self.factor.update(d.s, d.y, gate)
-        self.rejected.add_(allow > accepted)                  # allow and not accepted
-        st = self._stats
-        st["sy_raw"] = torch.dot(self.s_avg, self.y_avg)
-        st["sy"] = sy
-        for k, act in d.active.items():
-            st[f"damping_{k}"] = act
-        st["g_accepted"] = accepted
-        st["g_rejected"] = self.rejected
+        type(self)._absorb_many([self], [pair], [g_ref], [allow], [mu2])
+
+    @staticmethod
+    def _absorb_many(ests: list, pairs: list, g_refs: list, allows: list, mu2s: list) -> None:
+        """:meth:`_absorb` for several layers: the pair averages layer by layer, then the
+        damping and the update of every layer at one call (``Damping.many``,
+        ``update_many``: the rules batch their scalar work across the layers)."""
+        for e, pair, allow in zip(ests, pairs, allows):
+            beta = e.opts["ema"]
+            new = beta * e._avg + (1.0 - beta) * pair
+            if e.opts["ema_init"] == "first":
+                new = torch.where(e.pairs == 0, pair, new)
+            torch.where(allow, new, e._avg, out=e._avg)   # in place: static addresses
+            e.pairs.add_(allow)
+        first = ests[0]
+        damped = first.damping.many([e.s_avg for e in ests], [e.y_avg for e in ests],
+                                    [e.factor.apply for e in ests], mu2s)
+        gates, sys = [], []
+        for e, d, g_ref, allow in zip(ests, damped, g_refs, allows):
+            sy = torch.dot(d.s, d.y)
+            gate = allow
+            if e.opts["norm_gate"]:
+                bound = (e.opts["norm_gate_eps"] * torch.dot(d.s, d.s)
+                         * torch.linalg.vector_norm(g_ref))
+                gate = gate & (sy > bound)
+            gates.append(gate)
+            sys.append(sy)
+        accepted = type(first.factor).update_many([e.factor for e in ests],
+                                                  [d.s for d in damped], [d.y for d in damped],
+                                                  gates)
+        for e, d, sy, acc, allow in zip(ests, damped, sys, accepted, allows):
+            e.rejected.add_(allow > acc)                  # allow and not accepted
+            st = e._stats
+            st["sy_raw"] = torch.dot(e.s_avg, e.y_avg)
+            st["sy"] = sy
+            for k, act in d.active.items():
+                st[f"damping_{k}"] = act
+            st["g_accepted"] = acc
+            st["g_rejected"] = e.rejected
 
     def prepare(self, cap: Capture, info: StepInfo) -> None:
-        if self.opts["source"] != "next_iterate":
+        type(self).prepare_group([self], [cap], [info])
+
+    @classmethod
+    def prepare_group(cls, ests: list, caps: list, infos: list) -> None:
+        if ests[0].opts["source"] != "next_iterate":
             return
-        cur = torch.stack([self._cast(cap.h_mean), self._cast(cap.g_mean)])
-        self._absorb(self._prev - cur, self.prev_g, self.has_prev & info.ok, info.mu2)
+        pairs, refs, allows = [], [], []
+        for e, cap, info in zip(ests, caps, infos):
+            cur = torch.stack([e._cast(cap.h_mean), e._cast(cap.g_mean)])
+            pairs.append(e._prev - cur)
+            refs.append(e.prev_g)
+            allows.append(e.has_prev & info.ok)
+        cls._absorb_many(ests, pairs, refs, allows, [i.mu2 for i in infos])
 
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m)
@@ -106,13 +133,21 @@ class SecantPairsG(GEstimator):
         return self.factor.apply_right(mt)
 
     def after_trial(self, cap: Capture, trial: Capture, info: StepInfo) -> None:
-        g = self._cast(cap.g_mean)
-        cur = torch.stack([self._cast(cap.h_mean), g])
-        raw = torch.stack([trial.h_mean, trial.g_mean])
-        at = self._cast(raw)
-        # the trial means finite (before the cast, which could overflow)
-        ok = info.ok & finite_exact(raw)
-        self._absorb(cur - at, g, ok, info.mu2)
+        type(self).after_trial_group([self], [cap], [trial], [info])
+
+    @classmethod
+    def after_trial_group(cls, ests: list, caps: list, trials: list, infos: list) -> None:
+        pairs, refs, allows = [], [], []
+        for e, cap, trial, info in zip(ests, caps, trials, infos):
+            g = e._cast(cap.g_mean)
+            cur = torch.stack([e._cast(cap.h_mean), g])
+            raw = torch.stack([trial.h_mean, trial.g_mean])
+            at = e._cast(raw)
+            # the trial means finite (before the cast, which could overflow)
+            pairs.append(cur - at)
+            refs.append(g)
+            allows.append(info.ok & finite_exact(raw))
+        cls._absorb_many(ests, pairs, refs, allows, [i.mu2 for i in infos])
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         if self.opts["source"] != "next_iterate":

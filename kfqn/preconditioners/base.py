@@ -122,6 +122,31 @@ class LayerPreconditioner(Component):
     def end_step(self, stats: Any, info: StepInfo) -> None:
         """Last call of the step."""
 
+    # -- several layers at one call ------------------------------------------------------------
+    # The optimizer calls these, once per step and phase, with every layer of the class; the
+    # defaults call the per-layer methods in order. A family overrides them to batch its
+    # per-layer scalar work across the layers (fewer dispatched ops); the layers are
+    # independent, so the result is that of the loop.
+    @classmethod
+    def prepare_group(cls, precs: list, stats: list, infos: list) -> None:
+        for p, s, i in zip(precs, stats, infos):
+            p.prepare(s, i)
+
+    @classmethod
+    def after_move_group(cls, precs: list, stats: list, infos: list) -> None:
+        for p, s, i in zip(precs, stats, infos):
+            p.after_move(s, i)
+
+    @classmethod
+    def after_trial_group(cls, precs: list, stats: list, infos: list) -> None:
+        for p, s, i in zip(precs, stats, infos):
+            p.after_trial(s, i)
+
+    @classmethod
+    def end_step_group(cls, precs: list, stats: list, infos: list) -> None:
+        for p, s, i in zip(precs, stats, infos):
+            p.end_step(s, i)
+
     # -- reporting and checkpoints ----------------------------------------------------------
     def stats(self) -> dict[str, Tensor]:
         """Scalars of the last step, as device tensors (``opt.stats()`` reads them)."""

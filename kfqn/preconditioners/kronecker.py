@@ -22,6 +22,14 @@ from kfqn.curvature.base import LayerContext, StepInfo
 from kfqn.preconditioners.base import TwoSidedPreconditioner
 
 
+def _by_class(items: list) -> list[tuple[type, list[int]]]:
+    """(class, positions) of ``items`` grouped by class, in order of first appearance."""
+    groups: dict[type, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(type(item), []).append(i)
+    return list(groups.items())
+
+
 @register("preconditioner")
 class KroneckerPreconditioner(TwoSidedPreconditioner):
     name = "kronecker"
@@ -56,6 +64,35 @@ class KroneckerPreconditioner(TwoSidedPreconditioner):
 
     def output_cotangents(self, output: Tensor) -> Tensor:
         return self.g.output_cotangents(output)
+
+    # several layers at one call: each side's estimators batch their updates across layers
+    @classmethod
+    def prepare_group(cls, precs: list, stats: list, infos: list) -> None:
+        caps = [s.current for s in stats]
+        for side in ("g", "a"):   # G side first, as prepare does
+            for est_cls, idx in _by_class([getattr(p, side) for p in precs]):
+                est_cls.prepare_group([getattr(precs[i], side) for i in idx],
+                                      [caps[i] for i in idx], [infos[i] for i in idx])
+
+    @classmethod
+    def after_move_group(cls, precs: list, stats: list, infos: list) -> None:
+        for est_cls, idx in _by_class([p.a for p in precs]):
+            est_cls.after_step_group([precs[i].a for i in idx], [stats[i].current for i in idx],
+                                     [infos[i] for i in idx])
+
+    @classmethod
+    def after_trial_group(cls, precs: list, stats: list, infos: list) -> None:
+        keep = [i for i, s in enumerate(stats) if s.trial is not None and s.trial.complete]
+        for est_cls, idx in _by_class([precs[i].g for i in keep]):
+            idx = [keep[j] for j in idx]
+            est_cls.after_trial_group([precs[i].g for i in idx], [stats[i].current for i in idx],
+                                      [stats[i].trial for i in idx], [infos[i] for i in idx])
+
+    @classmethod
+    def end_step_group(cls, precs: list, stats: list, infos: list) -> None:
+        for est_cls, idx in _by_class([p.g for p in precs]):
+            est_cls.after_step_group([precs[i].g for i in idx], [stats[i].current for i in idx],
+                                     [infos[i] for i in idx])
 
     def after_move(self, stats: Any, info: StepInfo) -> None:
         self.a.after_step(stats.current, info)
