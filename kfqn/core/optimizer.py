@@ -30,7 +30,7 @@ from kfqn.core.assembly import ComponentBuilder
 from kfqn.core.communicator import Communicator, ReducingAdapter, TorchDistributed
 from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
-from kfqn.core.finite import all_finite, all_finite_many
+from kfqn.core.finite import all_finite, all_finite_many, const
 from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.placement import assign_owners, factor_cost
 from kfqn.core.registry import Registry, default_registry
@@ -791,8 +791,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
             if wbar is not None and not inside:
                 precond = precond + wd * wbar
             good = ok & all_finite(precond)
-            layer.dir_rejected += (ok & ~good).long()
-            precond = torch.where(good, precond, torch.zeros((), dtype=dt, device=precond.device))
+            layer.dir_rejected.add_(ok > good)                # ok and not good
+            precond = torch.where(good, precond, const(0.0, dt, precond.device))
             if self._owner_mode:
                 directions[layer.name] = precond
             else:

@@ -5,6 +5,8 @@ so a Linear layer applied to sequences is handled like a 1x1 convolution.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +29,7 @@ class LinearAdapter(LayerAdapter):
         return inp.reshape(-1, inp.shape[-1])
 
     def positions(self, inp: Tensor) -> int:
-        return inp[0].numel() // inp.shape[-1]
+        return math.prod(inp.shape[1:-1])   # from the shape: no op dispatched
 
     def patches(self, inp: Tensor) -> Tensor:
         m = inp.shape[0]
