@@ -27,7 +27,7 @@ replaced by I and counted in ``resets``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +38,33 @@ from kfqn.core.finite import const
 
 #: (rtols, dtype, device) -> the constants of BFGSFactor.update
 _CONSTS: dict = {}
+#: (dims, device) -> the index tensors of BFGSFactor.update_many (read-only)
+_LAYOUTS: dict = {}
+#: row stride, in bytes, of the per-layer 2 x 2 coefficient blocks of BFGSFactor.update_many
+#: (each block starts as aligned as a fresh allocation's small-matrix kernels may need)
+_BLOCK_BYTES = 256
+
+
+def _layout(dims: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """(seg, pos, dmax) for layers of sizes ``dims``: ``seg`` (sum d,) the layer of each entry
+    of the concatenated vectors; ``pos`` (5 sum d,) where the entries of five concatenated
+    per-layer quantities go in a padded (5, L, dmax) buffer."""
+    key = (dims, device)
+    got = _LAYOUTS.get(key)
+    if got is None:
+        n, dmax = len(dims), max(dims)
+        seg, pos = [], []
+        for i, d in enumerate(dims):
+            seg += [i] * d
+        for k in range(5):
+            for i, d in enumerate(dims):
+                base = (k * n + i) * dmax
+                pos += range(base, base + d)
+        with torch.inference_mode(False):
+            got = (torch.tensor(seg, dtype=torch.long, device=device),
+                   torch.tensor(pos, dtype=torch.long, device=device), dmax)
+        _LAYOUTS[key] = got
+    return got
 
 
 def bfgs_inverse_update(h: Tensor, s: Tensor, y: Tensor) -> Tensor:
@@ -206,6 +233,103 @@ class BFGSFactor(InverseFactor):
         u = torch.where(ok, u, zero)
         h.addmm_(u @ c.view(2, 2), u.T)
         return ok
+
+    @classmethod
+    def update_many(cls, factors, s, y, allow):
+        """``[f.update(s_i, y_i, allow_i) ...]`` bitwise, in fewer ops: the products and dot
+        products of each layer are made as :meth:`update` makes them (same ops on tensors of
+        the same shapes and layouts, so the same rounding), while everything elementwise or
+        exact (the scalar logic, the guards' vectors and their max / min reductions) runs once
+        on the stacked values of all layers of one dtype and device. Layers of another
+        ``update``, or an ``allow`` that is not a 0-dim bool tensor, go through the loop."""
+        factors, s, y, allow = list(factors), list(s), list(y), list(allow)
+        out: list[Tensor | None] = [None] * len(factors)
+        groups: dict = {}
+        for i, f in enumerate(factors):
+            a = allow[i]
+            plain = (type(f).update is BFGSFactor.update and type(f)._consts is BFGSFactor._consts
+                     and (a is None or (isinstance(a, Tensor) and a.dim() == 0
+                                        and a.dtype == torch.bool and a.device == f.h.device))
+                     and s[i].dim() == 1 and y[i].dim() == 1 and f.h.dim() == 2
+                     and s[i].dtype == y[i].dtype == f.h.dtype
+                     and s[i].device == y[i].device == f.h.device)
+            key = ((f.increment_rtol, f.growth_rtol, f.hy_error_rtol, f.cancel_tol, f.h.dtype,
+                    f.h.device) if plain else None)
+            groups.setdefault(key, []).append(i)
+        # the same factor twice: the loop updates it twice in turn
+        alias = len({id(f) for f in factors}) < len(factors)
+        for key, idx in groups.items():
+            if key is None or alias or len(idx) < 2:
+                for i in idx:
+                    out[i] = factors[i].update(s[i], y[i], allow[i])
+            else:
+                oks = cls._update_group([factors[i] for i in idx], [s[i] for i in idx],
+                                        [y[i] for i in idx], [allow[i] for i in idx])
+                for i, ok in zip(idx, oks):
+                    out[i] = ok
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _update_group(factors, s, y, allow) -> list[Tensor]:
+        """:meth:`update_many` for L >= 2 plain factors of one dtype, device and options."""
+        n = len(factors)
+        f0 = factors[0]
+        h0 = f0.h
+        dtype, device = h0.dtype, h0.device
+        zero, one, lhs_k, rhs_k, below_quarter_max = f0._consts(dtype, device)
+        finfo = torch.finfo(dtype)
+        # per layer, as update does it: H y, U = [s, Hy], s^T y and y^T H y, w = Hy - H^T y
+        hs = [f.h for f in factors]
+        hys, us, syy, wn = [], [], [], []
+        for h, si, yi in zip(hs, s, y):
+            hy = h @ yi
+            u = torch.stack([si, hy], dim=1)
+            y_row = yi.unsqueeze(0)
+            syy.append(y_row.mm(u))                          # (1, 2): s^T y, y^T H y
+            wn.append(torch.linalg.vector_norm(hy - y_row.mm(h)))
+            hys.append(hy)
+            us.append(u)
+        diags = [torch.diagonal(h) for h in hs]
+        sy, yhy = torch.cat(syy).unbind(1)
+        w_norm = torch.stack(wn)
+        # the scalar logic of update, on (L,) vectors
+        ok = sy > (f0.cancel_tol * finfo.eps * yhy).clamp_min(0.0)
+        if any(a is not None for a in allow):
+            true = const(True, torch.bool, device)
+            ok = ok & torch.stack([true if a is None else a for a in allow])
+        rho = torch.reciprocal(torch.where(ok, sy, one))
+        coef = (rho * yhy + 1.0) * rho
+        rho2 = 2.0 * rho
+        # elementwise over the concatenated vectors of all layers (coef and rho2 repeated per
+        # entry), then the exact max / min per layer from a padded (5, L, dmax) buffer:
+        # max|s|, max|Hy|, max|H_ii|, max|H_ii + (c s - 2 rho Hy) s|, max(-H_ii)
+        seg, pos, dmax = _layout(tuple(h.shape[0] for h in hs), device)
+        s_cat, hy_cat, d_cat = torch.cat(s), torch.cat(hys), torch.cat(diags)
+        t_cat = d_cat + (coef[seg] * s_cat - rho2[seg] * hy_cat) * s_cat
+        vals = torch.cat([torch.cat([s_cat, hy_cat, d_cat, t_cat]).abs(), d_cat.neg()])
+        buf = torch.full((5 * n * dmax,), float("-inf"), dtype=dtype, device=device)
+        s_max, hy_max, h_max, new_max, neg_min = (
+            buf.index_copy_(0, pos, vals).view(5, n, dmax).amax(2).unbind())
+        h_min = neg_min.neg()
+        bound = (coef.abs() * s_max + rho2.abs() * hy_max) * s_max
+        bh = bound + h_max
+        skew = 0.25 * (rho * w_norm) * w_norm
+        lhs = torch.stack([bh, bh, bound, skew], dim=1) * lhs_k
+        rhs = torch.stack([below_quarter_max.expand(n), new_max, h_min, new_max], dim=1) * rhs_k
+        ok = ok & (lhs <= rhs).all(1)
+        # C = [[c, -rho], [-rho, 0]] per layer, zero where not ok, each 2 x 2 block in a row of
+        # its own (rows _BLOCK_BYTES apart)
+        neg_rho = -rho
+        width = max(4, _BLOCK_BYTES // finfo.bits * 8)
+        zeros = zero.expand(n)
+        c = torch.where(ok.unsqueeze(1),
+                        torch.stack([coef, neg_rho, neg_rho] + [zeros] * (width - 3), dim=1), zero)
+        cs = c.as_strided((n, 2, 2), (width, 2, 1)).unbind()
+        oks = ok.unbind()
+        for h, u, ci, oki in zip(hs, us, cs, oks):
+            u = torch.where(oki, u, zero)
+            h.addmm_(u @ ci, u.T)
+        return list(oks)
 
     def dense(self) -> Tensor:
         return 0.5 * (self.h + self.h.T)
