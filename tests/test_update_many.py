@@ -288,3 +288,15 @@ def test_bfgs_update_many_dispatches_fewer_ops(dims):
     loop = _count(lambda: [f.update(si, yi, a) for f, si, yi, a in zip(factors, s, y, allow)])
     many = _count(lambda: BFGSFactor.update_many(factors, s, y, allow))
     assert many < 0.6 * loop, (many, loop)
+
+
+@pytest.mark.parametrize("rule", [PowellDamping(), DoubleDamping(), DDV2Damping()],
+                         ids=lambda r: r.name)
+def test_damping_many_dispatches_fewer_ops(rule):
+    s, y = _ae_inputs(AE_G)
+    factors = [BFGSFactor(d, F32, "cpu") for d in AE_G]
+    hy = [f.apply for f in factors]
+    mu2 = [0.01] * len(AE_G)
+    loop = _count(lambda: [rule(si, yi, hi, mi) for si, yi, hi, mi in zip(s, y, hy, mu2)])
+    many = _count(lambda: rule.many(s, y, hy, mu2))
+    assert many < 0.6 * loop, (many, loop)

@@ -18,7 +18,7 @@ For finite input the output is always finite.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -97,6 +97,104 @@ def _zero_unless(ok: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(ok, s, zero), torch.where(ok, y, zero)
 
 
+# -- several layers at one call (Damping.many) -------------------------------------------------
+# The loop's dot products are made per layer on operands of the same values and the same kind of
+# storage (the caller's tensors, or fresh ones), so they round alike; everything elementwise
+# runs once, on (L,) vectors of the layers' scalars or on the layers' vectors concatenated, and
+# the finiteness tests (exact: a sum of zeros, NaN where an entry is not finite) per layer by one
+# index_add. Damped vectors that feed a dot product are copied out of the concatenation first
+# (fresh tensors, as the loop's are).
+
+#: (dims, device) -> the layer of each entry of the concatenated vectors (read-only)
+_SEGS: dict = {}
+#: (mu2 values, dtype, device) -> (mu2, 1 - mu2) as (L,) tensors (read-only)
+_MU2S: dict = {}
+
+
+def _seg(dims: tuple[int, ...], device: torch.device) -> Tensor:
+    key = (dims, device)
+    t = _SEGS.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.cat([torch.full((d,), i, dtype=torch.long) for i, d in enumerate(dims)]
+                          ).to(device)
+        if len(_SEGS) > 256:
+            _SEGS.clear()
+        _SEGS[key] = t
+    return t
+
+
+def _mu2s(mu2: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """mu2 and 1 - mu2 (the latter computed in Python, as the loop's ``1.0 - mu2``), in dtype."""
+    key = (tuple(float(m).hex() for m in mu2), dtype, device)
+    t = _MU2S.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.tensor([list(mu2), [1.0 - m for m in mu2]], dtype=dtype, device=device).unbind()
+        if len(_MU2S) > 256:
+            _MU2S.clear()
+        _MU2S[key] = t
+    return t
+
+
+def _finite_many(cat: Tensor, seg: Tensor, n: int) -> Tensor:
+    """(L,) bool: ``finite_exact`` of each layer's segment of ``cat``."""
+    return cat.new_zeros(n).index_add_(0, seg, cat * 0) == 0
+
+
+def _fresh(cat: Tensor, dims: list[int]) -> list[Tensor]:
+    return [t.clone() for t in cat.split(dims)]
+
+
+def _batchable(s, y, mu2) -> bool:
+    """Layers the batched path takes: >= 2, 1-D s and y of one dtype and device, float mu2."""
+    if len(s) < 2 or len(s) != len(y) or len(s) != len(mu2):
+        return False
+    dt, dev = s[0].dtype, s[0].device
+    return (dt in (torch.float32, torch.float64)
+            and all(isinstance(m, (float, int)) and not isinstance(m, bool) for m in mu2)
+            and all(isinstance(t, Tensor) and t.dim() == 1 and t.dtype == dt and t.device == dev
+                    for t in (*s, *y))
+            and all(a.shape == b.shape for a, b in zip(s, y)))
+
+
+def _powell_many(s: list[Tensor], y: list[Tensor], hy: list[Tensor], mu1: float):
+    """:func:`_powell` of each layer: (out_cat, outs, active, ok, out^T y, seg, dims) with
+    ``outs`` the damped s as fresh tensors, ``active`` and ``ok`` (L,) bool."""
+    n = len(s)
+    dtype, device = s[0].dtype, s[0].device
+    dims = [t.shape[0] for t in s]
+    seg = _seg(tuple(dims), device)
+    yhy = torch.stack([torch.dot(yi, hi) for yi, hi in zip(y, hy)])
+    sy = torch.stack([torch.dot(si, yi) for si, yi in zip(s, y)])
+    target = mu1 * yhy
+    active = sy <= target
+    theta = (1.0 - mu1) * yhy / _safe(yhy - sy, active)
+    pos = yhy > 0
+    r = sy / _safe(yhy, pos)
+    stable = torch.where(pos, (1.0 - mu1) / (1.0 - r), const(0.0, dtype, device))
+    textbook = theta.clamp(0.0, 1.0) == theta
+    theta = torch.where(textbook, theta, stable)
+    s_cat = torch.cat(s)
+    out_cat = torch.where(active[seg], theta[seg] * s_cat + (1.0 - theta)[seg] * torch.cat(hy),
+                          s_cat)
+    outs = _fresh(out_cat, dims)
+    oy = torch.stack([torch.dot(o, yi) for o, yi in zip(outs, y)])
+    ok = _finite_many(out_cat, seg, n) & _at_least(oy, target, postcondition_rtol(dtype))
+    return out_cat, outs, active, ok, seg, dims
+
+
+def _results(s_out: list[Tensor], y_out: list[Tensor], ok: Tensor,
+             active: dict[str, Tensor]) -> list[DampingResult]:
+    """Per layer DampingResult(where(ok, s, 0), where(ok, y, 0), active, ok)."""
+    zero = const(0.0, s_out[0].dtype, s_out[0].device)
+    oks = ok.unbind()
+    acts = {k: (v.unbind() if v.dim() else [v] * len(oks)) for k, v in active.items()}
+    return [DampingResult(torch.where(o, si, zero), torch.where(o, yi, zero),
+                          {k: v[i] for k, v in acts.items()}, o)
+            for i, (si, yi, o) in enumerate(zip(s_out, y_out, oks))]
+
+
 def powell(s: Tensor, y: Tensor, hy: Tensor, mu1: float) -> tuple[Tensor, Tensor]:
     """If s^T y <= mu1 y^T H y: theta = (1-mu1) y^T H y / (y^T H y - s^T y),
     s <- theta s + (1-theta) H y, so that afterwards s^T y = mu1 y^T H y. (A pair that cannot
@@ -133,6 +231,23 @@ class PowellDamping(Damping):
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act}, ok)
 
+    def many(self, s: Sequence[Tensor], y: Sequence[Tensor], hy: Sequence[HyFn],
+             mu2: Sequence[float]) -> list[DampingResult]:
+        s, y, mu2 = list(s), list(y), list(mu2)
+        if not _batchable(s, y, mu2) or len(hy) != len(s):
+            return super().many(s, y, hy, mu2)
+        hys = [h(yi) for h, yi in zip(hy, y)]
+        if not all(isinstance(h, Tensor) and h.shape == yi.shape and h.dtype == yi.dtype
+                   and h.device == yi.device for h, yi in zip(hys, y)):
+            return super().many(s, y, [lambda v, h=h: h for h in hys], mu2)
+        return self._many(s, y, hys, mu2)
+
+    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
+              mu2: list[float]) -> list[DampingResult]:
+        """:meth:`many` of >= 2 layers of one dtype and device, H y given."""
+        _, outs, act, ok, _, _ = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
+        return _results(outs, y, ok, {"powell": act})
+
     def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
         yhy = torch.dot(y, hy(y))
         return _at_least(torch.dot(s, y), self.opts.get("mu1", 0.2) * yhy,
@@ -159,6 +274,32 @@ class DoubleDamping(_PowellThenSecond):
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act1, "second": act2}, ok)
 
+    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
+              mu2: list[float]) -> list[DampingResult]:
+        out_cat, outs, act1, ok1, seg, dims = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
+        dtype, device = out_cat.dtype, out_cat.device
+        zero = const(0.0, dtype, device)
+        # the second stage on s1 = where(ok1, s, 0), y1 = where(ok1, y, 0): s1 is outs where
+        # ok1; where not, s1 = y1 = 0 give s1^T s1 = s1^T y1 = +0 and the pair is zeroed anyway
+        y1 = [torch.where(o, yi, zero) for o, yi in zip(ok1.unbind(), y)]
+        ss = torch.where(ok1, torch.stack([torch.dot(o, o) for o in outs]), zero)
+        sy = torch.where(ok1, torch.stack([torch.dot(o, yi) for o, yi in zip(outs, y1)]), zero)
+        m2, one_m2 = _mu2s(tuple(mu2), dtype, device)
+        target = m2 * ss
+        active = sy <= target
+        theta = one_m2 * ss / _safe(ss - sy, active)
+        pos = ss > 0
+        q = sy / _safe(ss, pos)
+        stable = torch.reciprocal(1.0 - q) * one_m2          # (1.0 - mu2) / (1.0 - q), as torch does
+        stable = torch.where(pos, stable, const(1.0, dtype, device))
+        theta = torch.where(finite_scalar(theta), theta, stable)
+        y_cat = torch.cat(y)
+        out2_cat = torch.where(active[seg], theta[seg] * y_cat + (1.0 - theta)[seg] * out_cat, y_cat)
+        outs2 = _fresh(out2_cat, dims)
+        so = torch.stack([torch.dot(o, o2) for o, o2 in zip(outs, outs2)])
+        ok2 = _finite_many(out2_cat, seg, len(outs)) & _at_least(so, target, postcondition_rtol(dtype))
+        return _results(outs, outs2, ok1 & ok2, {"powell": act1, "second": active})
+
 
 @register('damping')
 class DDV2Damping(_PowellThenSecond):
@@ -174,3 +315,18 @@ class DDV2Damping(_PowellThenSecond):
         ok = ok1 & ok2
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act1, "second": const(True, torch.bool, act1.device)}, ok)
+
+    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
+              mu2: list[float]) -> list[DampingResult]:
+        out_cat, outs, act1, ok1, seg, dims = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
+        dtype, device = out_cat.dtype, out_cat.device
+        m2, _ = _mu2s(tuple(mu2), dtype, device)
+        # y1 + mu2 s1 with s1, y1 the Powell pair zeroed where not ok1: equal to y + mu2 s
+        # where ok1, and the pair is zeroed where not
+        y2_cat = torch.cat(y) + m2[seg] * out_cat
+        outs2 = _fresh(y2_cat, dims)
+        so = torch.stack([torch.dot(o, o2) for o, o2 in zip(outs, outs2)])
+        ss = torch.stack([torch.dot(o, o) for o in outs])
+        ok2 = _finite_many(y2_cat, seg, len(outs)) & _at_least(so, m2 * ss, postcondition_rtol(dtype))
+        return _results(outs, outs2, ok1 & ok2,
+                        {"powell": act1, "second": const(True, torch.bool, act1.device)})
