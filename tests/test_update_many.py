@@ -91,12 +91,20 @@ def spd_h(draw, d: int, dtype: torch.dtype) -> torch.Tensor | None:
 
 @st.composite
 def pair(draw, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ordinary curvature pair, one with s^T y <= 0, or an adversarial one (NaN, inf,
-    huge, tiny, zero entries)."""
-    kind = draw(st.sampled_from(["curvature", "curvature", "negative", "adversarial"]))
+    """An ordinary curvature pair, one with s^T y <= 0, a nearly orthogonal one (s^T y near
+    the guards' thresholds), or an adversarial one (NaN, inf, huge, tiny, zero entries)."""
+    kind = draw(st.sampled_from(["curvature", "curvature", "negative", "orthogonal",
+                                 "adversarial"]))
     if kind == "adversarial":
         return draw(adversarial_pair(d, dtype))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if kind == "orthogonal":
+        s = torch.randn(d, generator=g, dtype=F64)
+        z = torch.randn(d, generator=g, dtype=F64)
+        z = z - (z @ s) / (s @ s) * s
+        eps = draw(st.sampled_from([1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8, 1e-12]))
+        y = z + eps * z.norm() / s.norm() * s
+        return s.to(dtype), (y * draw(st.sampled_from(SCALES))).to(dtype)
     s = torch.randn(d, generator=g, dtype=F64)
     b = torch.randn(d, d, generator=g, dtype=F64)
     y = (b @ b.T / d + 0.1 * torch.eye(d, dtype=F64)) @ s + draw(st.sampled_from(
