@@ -93,17 +93,6 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _to_cpu(tree: Any) -> Any:
-    """A copy of a state tree with every tensor on the CPU (to send between ranks)."""
-    if isinstance(tree, Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
-    return tree
-
-
 def _flat_tensors(tree: Any, prefix: str, out: dict[str, Tensor]) -> None:
     """The tensors of a state tree, keyed by their dotted path."""
     if isinstance(tree, Tensor):
@@ -931,7 +920,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         loads under any number of ranks and either placement."""
         out = self._state_dict()
         if self._owner_mode:
-            mine = {n: _to_cpu(e) for n, e in out["layers"].items() if self.layers[n].owned}
+            mine = {n: clone_tree(e, "cpu") for n, e in out["layers"].items() if self.layers[n].owned}
             gathered: dict[str, Any] = {}
             for part in self.comm.gather_objects(mine):
                 gathered.update(part)

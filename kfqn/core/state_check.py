@@ -81,16 +81,18 @@ def check_like(expected: Any, got: Any, path: str = "state") -> None:
         _fail(path, f"{_kind(got)} in the checkpoint, {_kind(expected)} here")
 
 
-def clone_tree(obj: Any) -> Any:
-    """A copy of a state tree with every tensor cloned (a snapshot to roll back to)."""
+def clone_tree(obj: Any, device: Any = None) -> Any:
+    """A copy of a state tree with every tensor cloned (a snapshot to roll back to), onto
+    ``device`` if given (e.g. "cpu", to send it between ranks)."""
     if isinstance(obj, Tensor):
-        return obj.detach().clone()
+        t = obj.detach()
+        return t.clone() if device is None else t.to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
+        return {k: clone_tree(v, device) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [clone_tree(v) for v in obj]
+        return [clone_tree(v, device) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(clone_tree(v) for v in obj)
+        return tuple(clone_tree(v, device) for v in obj)
     return obj
 
 
