@@ -308,3 +308,127 @@ def test_damping_many_dispatches_fewer_ops(rule):
     loop = _count(lambda: [rule(si, yi, hi, mi) for si, yi, hi, mi in zip(s, y, hy, mu2)])
     many = _count(lambda: rule.many(s, y, hy, mu2))
     assert many < 0.6 * loop, (many, loop)
+
+
+# -- L-BFGS --------------------------------------------------------------------------------------
+#: dense_factor values: the default (H dense where d <= 4 p), H never dense, H always dense
+LBFGS_DENSE = [None, 0, 10**9]
+
+
+def _strided(v: torch.Tensor, strided: bool) -> torch.Tensor:
+    """``v`` itself, or the same values as a non-contiguous view (every other entry of a
+    tensor twice as long)."""
+    if not strided:
+        return v
+    w = torch.empty(2 * v.numel(), dtype=v.dtype)
+    w[::2] = v
+    w[1::2] = float("nan")
+    return w[::2]
+
+
+@st.composite
+def lbfgs_factors(draw, dims, dtypes, memory: int, gamma: str) -> list[LBFGSFactor]:
+    """L-BFGS factors, each with its own product form (dense, compact or by size)."""
+    return [LBFGSFactor(d, dt, "cpu", memory=memory, gamma=gamma,
+                        dense_factor=draw(st.sampled_from(LBFGS_DENSE)))
+            for d, dt in zip(dims, dtypes)]
+
+
+@given(st.data())
+def test_lbfgs_update_many_is_the_loop_bitwise(data):
+    """Random layers, memories (wrapping around once full), gamma modes, product forms,
+    pairs (ordinary, s^T y <= 0, nearly orthogonal, NaN / inf, huge / tiny), allow flags and
+    input layouts: every returned flag and state tensor equal to the loop's bit for bit."""
+    dims, dtypes = data.draw(layers())
+    memory = data.draw(st.integers(1, 5))
+    gamma = data.draw(st.sampled_from(["one", "scaled"]))
+    factors = data.draw(lbfgs_factors(dims, dtypes, memory, gamma))
+    rounds = data.draw(st.integers(1, 2 * memory + 2))
+    pairs, allows = [], []
+    for _ in range(rounds):
+        row = []
+        for d, dt in zip(dims, dtypes):
+            s, y = data.draw(pair(d, dt))
+            strided = data.draw(st.booleans())
+            row.append((_strided(s, strided), _strided(y, strided)))
+        pairs.append(row)
+        allows.append([data.draw(allow_flag()) for _ in dims])
+    _check_update_many(LBFGSFactor, factors, pairs, allows)
+
+
+@pytest.mark.parametrize("gamma", ["one", "scaled"])
+@pytest.mark.parametrize("dense_factor", LBFGS_DENSE)
+def test_lbfgs_update_many_many_ordinary_steps(gamma, dense_factor):
+    """Long runs of ordinary pairs (the memory full and wrapping around many times, some
+    pairs disallowed): states stay equal."""
+    g = torch.Generator().manual_seed(3)
+    dims = [31, 30, 7, 64, 1, 30, 12]
+    for dt in (F32, F64):
+        for memory in (1, 3, 8):
+            factors = [LBFGSFactor(d, dt, "cpu", memory=memory, gamma=gamma,
+                                   dense_factor=dense_factor) for d in dims]
+            twins = copy.deepcopy(factors)
+            for step in range(3 * memory + 4):
+                s = [torch.randn(d, generator=g, dtype=dt) * 10.0 ** (step % 5 - 2) for d in dims]
+                y = [si * torch.rand(d, generator=g, dtype=dt)
+                     + 0.1 * torch.randn(d, generator=g, dtype=dt) for si, d in zip(s, dims)]
+                allow = [None if (i + step) % 4 else torch.tensor(step % 3 != 1)
+                         for i in range(len(dims))]
+                loop = [f.update(si, yi, a) for f, si, yi, a in zip(factors, s, y, allow)]
+                many = LBFGSFactor.update_many(twins, s, y, allow)
+                for i in range(len(dims)):
+                    what = f"{dt} memory {memory} step {step} layer {i}"
+                    assert_same_bits(loop[i], many[i], what)
+                    assert_same_state(factors[i], twins[i], what)
+            assert all(bool(f.valid.all()) for f in factors if f.dim > 1), "memory never full"
+
+
+def test_lbfgs_update_many_same_factor_twice_subclass_and_other_options():
+    """A factor listed twice is updated twice in turn; a subclass with its own update goes
+    through it; factors of other options (memory, gamma) are batched in their own groups."""
+    class Counting(LBFGSFactor):
+        calls = 0
+
+        def update(self, s, y, allow=None):
+            Counting.calls += 1
+            return super().update(s, y, allow)
+
+    g = torch.Generator().manual_seed(4)
+    s = [torch.randn(6, generator=g, dtype=F64) for _ in range(5)]
+    y = [si + 0.1 * torch.randn(6, generator=g, dtype=F64) for si in s]
+    f = LBFGSFactor(6, F64, "cpu", memory=2)
+    twin = copy.deepcopy(f)
+    loop = [f.update(s[0], y[0]), f.update(s[1], y[1])]
+    many = LBFGSFactor.update_many([twin, twin], s[:2], y[:2], [None, None])
+    assert all(same_bits(a, b) for a, b in zip(loop, many))
+    assert_same_state(f, twin, "twice")
+    mixed = [Counting(6, F64, "cpu", memory=2), LBFGSFactor(6, F64, "cpu", memory=2),
+             LBFGSFactor(6, F64, "cpu", memory=3), LBFGSFactor(6, F64, "cpu", memory=2,
+                                                               gamma="scaled"),
+             LBFGSFactor(6, F64, "cpu", memory=3)]
+    twins = copy.deepcopy(mixed)
+    Counting.calls = 0
+    loop = [f.update(si, yi) for f, si, yi in zip(mixed, s, y)]
+    many = LBFGSFactor.update_many(twins, s, y, [None] * 5)
+    assert Counting.calls == 2
+    for i in range(5):
+        assert_same_bits(loop[i], many[i], f"layer {i}")
+        assert_same_state(mixed[i], twins[i], f"layer {i}")
+
+
+def test_lbfgs_update_many_dispatches_fewer_ops():
+    """kfbfgs_l_cnn's G side: memory 100 on the autoencoder's eight layers (H dense on the
+    layers with d <= 400, the compact form on the others), a few pairs in the memory."""
+    factors = [LBFGSFactor(d, F32, "cpu", memory=100, gamma="one") for d in AE_G]
+    for seed in range(3):
+        s, y = _ae_inputs(AE_G, seed=seed)
+        LBFGSFactor.update_many(factors, s, y, [None] * len(AE_G))
+    assert all(bool(f.valid[-3:].all()) for f in factors)
+    s, y = _ae_inputs(AE_G, seed=9)
+    allow = [torch.tensor(True)] * len(AE_G)
+    twins = copy.deepcopy(factors)
+    loop = _count(lambda: [f.update(si, yi, a) for f, si, yi, a in zip(factors, s, y, allow)])
+    many = _count(lambda: LBFGSFactor.update_many(twins, s, y, allow))
+    assert many < 0.6 * loop, (many, loop)
+    for i, (f, t) in enumerate(zip(factors, twins)):   # both updated twice by _count
+        assert_same_state(f, t, f"layer {i}")

@@ -25,7 +25,7 @@ state that is not finite is replaced by the empty memory (H = I) and counted in 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -36,11 +36,15 @@ from kfqn.updates.base import InverseFactor, _admissible
 
 #: (kind, size, dtype, device) -> cached constant tensors of LBFGSFactor (read-only)
 _CONSTS: dict = {}
+#: byte stride of the per-layer p x p blocks of R in LBFGSFactor.update_many (each block
+#: starts as aligned as a fresh allocation, for the triangular solves that read it)
+_BLOCK_BYTES = 256
 
 
 def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Read-only constants: ``eye`` (n x n identity), ``shift`` (the row order of the shifted
-    memory [S; Y; s; y] -> [S[1:]; s; Y[1:]; y] for n = p pairs), ``true1`` (a 1-element True)."""
+    memory [S; Y; s; y] -> [S[1:]; s; Y[1:]; y] for n = p pairs), ``true1`` (a 1-element True),
+    ``truecol`` (an n x 1 True), ``ones`` (n ones)."""
     key = (kind, n, dtype, device)
     t = _CONSTS.get(key)
     if t is None:
@@ -50,6 +54,10 @@ def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tens
             elif kind == "shift":
                 order = [*range(1, n), 2 * n, *range(n + 1, 2 * n), 2 * n + 1]
                 t = torch.tensor(order, dtype=torch.long, device=device)
+            elif kind == "truecol":
+                t = torch.ones(n, 1, dtype=torch.bool, device=device)
+            elif kind == "ones":
+                t = torch.ones(n, dtype=dtype, device=device)
             else:
                 t = torch.ones(1, dtype=torch.bool, device=device)
         _CONSTS[key] = t
@@ -228,6 +236,212 @@ class LBFGSFactor(InverseFactor):
             if new is not None:
                 torch.where(ok, new, prev, out=prev)
         return ok
+
+    @classmethod
+    def update_many(cls, factors: Sequence["InverseFactor"], s: Sequence[Tensor],
+                    y: Sequence[Tensor], allow: Sequence[Tensor | None]) -> list[Tensor]:
+        """``[f.update(s_i, y_i, allow_i) ...]`` bitwise, in fewer ops: every product and dot
+        product of a layer (with its memory, R, Y^T Y, the dense H; the norms) is made as
+        :meth:`update` makes it, on the same operands or on fresh tensors of the same values,
+        shape and layout (R of all layers in blocks ``_BLOCK_BYTES`` apart, so each starts as
+        aligned as a fresh allocation), while everything elementwise or exact runs once on the
+        values of all layers stacked: the guards' scalar logic, the new flags and gamma, R and
+        the finiteness test from the stacked S Y^T and Y Y^T, the middle of the compact form
+        (D u + gamma Y^T Y u - gamma b, -gamma u: the same (p, n) shape in every layer), and
+        the writes of the p-sized state. Layers of another ``update`` or options, or an
+        ``allow`` that is not a 0-dim bool tensor, go through the loop."""
+        factors, s, y, allow = list(factors), list(s), list(y), list(allow)
+        if len({id(f) for f in factors}) < len(factors):
+            # the same factor twice: the loop updates it twice in turn
+            return [f.update(si, yi, ai) for f, si, yi, ai in zip(factors, s, y, allow)]
+        out: list[Tensor | None] = [None] * len(factors)
+        groups: dict = {}
+        for i, f in enumerate(factors):
+            a = allow[i]
+            plain = (isinstance(f, LBFGSFactor)
+                     and all(getattr(type(f), m) is getattr(LBFGSFactor, m)
+                             for m in ("update", "apply", "_compact", "_derive", "uses_dense"))
+                     and (a is None or (isinstance(a, Tensor) and a.dim() == 0
+                                        and a.dtype == torch.bool and a.device == f._sy.device))
+                     and s[i].shape == y[i].shape == (f.dim,)
+                     and s[i].dtype == y[i].dtype == f._sy.dtype == f.dtype
+                     and s[i].device == y[i].device == f._sy.device
+                     and (f._dense is not None) == f.uses_dense)
+            key = ((f.memory, f.gamma_mode, f.cancel_tol, f.secant_rtol, f.dtype, f._sy.device)
+                   if plain else None)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            if key is None or len(idx) < 2:
+                for i in idx:
+                    out[i] = factors[i].update(s[i], y[i], allow[i])
+            else:
+                # the layers that keep no dense H first, then those that do by size (so that
+                # the layers of each product form are neighbours in the stacked values)
+                idx = sorted(idx, key=lambda i: (factors[i]._dense is not None, factors[i].dim))
+                oks = cls._update_group([factors[i] for i in idx], [s[i] for i in idx],
+                                        [y[i] for i in idx], [allow[i] for i in idx])
+                for i, ok in zip(idx, oks):
+                    out[i] = ok
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _compact_many(factors: list["LBFGSFactor"], mats: list[Tensor], memos: list[tuple],
+                      rts: list[Tensor], dd: Tensor, g: Tensor) -> list[Tensor]:
+        """``[f._compact(mat, memo) ...]`` for layers of one memory size p whose ``mats`` have
+        one width n: the products of each layer as :meth:`_compact` makes them, the
+        elementwise middle part once on the stacked (m, p, n) values. ``memos``: (rows, R,
+        Y^T Y) of each layer; ``rts``: R^T of each layer (a view, strides as ``R.T``); ``dd``
+        (m, p) and ``g`` (m,): D and gamma of the layers."""
+        if len(factors) == 1:
+            rows, r, yy = memos[0]
+            return [factors[0]._compact(mats[0], (rows, r, dd[0], yy, g[0]))]
+        p = factors[0].memory
+        a, b = torch.stack([rows @ mat for (rows, _, _), mat in zip(memos, mats)]).split(p, 1)
+        us = [torch.linalg.solve_triangular(r, ai, upper=True)
+              for (_, r, _), ai in zip(memos, a.unbind())]
+        yyu = torch.stack([yy @ u for (_, _, yy), u in zip(memos, us)])
+        u = torch.stack(us)
+        g3 = g.view(-1, 1, 1)
+        w = dd.unsqueeze(2) * u + g3 * yyu - g3 * b
+        tops = [torch.linalg.solve_triangular(rt, wi, upper=False)
+                for rt, wi in zip(rts, w.unbind())]
+        return [(rows.T @ torch.cat([top, gu])).addcmul_(mat, gi)
+                for (rows, _, _), mat, top, gu, gi
+                in zip(memos, mats, tops, ((-g3) * u).unbind(), g.unbind())]
+
+    @classmethod
+    def _update_group(cls, factors: list["LBFGSFactor"], s: list[Tensor], y: list[Tensor],
+                      allow: list[Tensor | None]) -> list[Tensor]:
+        """:meth:`update_many` for L >= 2 plain factors of one dtype, device and options."""
+        n = len(factors)
+        f0 = factors[0]
+        p, dt, dev = f0.memory, f0.dtype, f0._sy.device
+        zero, one = const(0.0, dt, dev), const(1.0, dt, dev)
+        tol = f0.cancel_tol * torch.finfo(dt).eps
+        dense = [i for i, f in enumerate(factors) if f._dense is not None]
+        comp = [i for i, f in enumerate(factors) if f._dense is None]
+
+        def pick(t: Tensor, idx: list[int]) -> Tensor:
+            """The rows ``idx`` of a stacked (L, ...) tensor."""
+            if len(idx) == n:
+                return t
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                return t[idx[0]: idx[0] + len(idx)]
+            return t[torch.tensor(idx, device=dev)]
+
+        gamma = torch.stack([f.gamma for f in factors])
+        d_old = torch.stack([f._d for f in factors])
+        # H y of each layer, as apply makes it
+        hy: list = [None] * n
+        for i in dense:
+            hy[i] = factors[i]._dense @ y[i]
+        if comp:
+            fc = [factors[i] for i in comp]
+            outs = cls._compact_many(fc, [y[i][:, None] for i in comp],
+                                     [(f._sy, f._r, f._yy) for f in fc], [f._r.T for f in fc],
+                                     pick(d_old, comp), pick(gamma, comp))
+            for i, o in zip(comp, outs):
+                hy[i] = o[:, 0]
+        sy, yhy, s_norm, y_norm = torch.stack(
+            [torch.dot(si, yi) for si, yi in zip(s, y)]
+            + [torch.dot(yi, hi) for yi, hi in zip(y, hy)]
+            + [torch.linalg.vector_norm(si) for si in s]
+            + [torch.linalg.vector_norm(yi) for yi in y]).view(4, n).unbind()
+        # the guards of update, on (L,) vectors
+        ok = (sy > 0) & (sy < float("inf"))
+        if any(a is not None for a in allow):
+            true = const(True, torch.bool, dev)
+            ok = ok & torch.stack([true if a is None else a for a in allow])
+        ok = ok & (sy > (tol * yhy).clamp_min(0.0)) & (yhy > float("-inf"))
+        ok = ok & (sy / s_norm > tol * y_norm)
+        # update continues with s and y zeroed where rejected, and everything it derives
+        # from them only counts where the pair is accepted (a rejected pair keeps the old
+        # state): so fresh copies (x * 1 = x, even -0.0; new tensors of the layout and
+        # alignment that update's selections make) serve, and the new memory
+        # [S[1:]; s; Y[1:]; y] needs no selection against the old one either
+        fresh = torch._foreach_mul(s + y, 1.0)
+        s, y = fresh[:n], fresh[n:]
+        shift = _cached("shift", p, dt, dev)
+        rows = [torch.cat([f._sy, torch.stack([si, yi])])[shift]
+                for f, si, yi in zip(factors, s, y)]
+        valid = torch.stack([f.valid for f in factors])
+        valid_new = torch.cat([valid[:, 1:], _cached("truecol", n, torch.bool, dev)], 1)
+        gamma_new = gamma
+        if f0.gamma_mode == "scaled":
+            yy = torch.stack([torch.dot(yi, yi) for yi in y])
+            ratio = torch.stack([torch.dot(si, yi) for si, yi in zip(s, y)]) / torch.where(
+                yy > 0, yy, one)
+            ok = ok & ((ratio > 0) & torch.isfinite(ratio))
+            gamma_new = torch.where(ok, ratio, gamma)
+        # _derive: S Y^T and Y Y^T per layer, R and D of all layers at once
+        sym, yym = [], []
+        for r in rows:
+            sm, ym = r.split(p)
+            yt = ym.T
+            sym.append(sm @ yt)
+            yym.append(ym @ yt)
+        sy_all = torch.stack(sym)
+        d_new = torch.diagonal(sy_all, dim1=1, dim2=2)
+        yy_new = torch.stack(yym)
+        size = sy_all.element_size()
+        block = -(-p * p * size // _BLOCK_BYTES) * _BLOCK_BYTES // size
+        r_new = torch.empty(n, block, dtype=dt, device=dev)[:, : p * p].view(n, p, p)
+        torch.add(torch.triu(sy_all), torch.diag_embed(torch.where(valid_new, zero, one)),
+                  out=r_new)
+        rs, rts = r_new.unbind(), r_new.transpose(1, 2).unbind()
+        # the dense H+ of the layers that keep it (layers of one size at once), and H+ y
+        dense_new: list = [None] * n
+        by_dim: dict = {}
+        for i in dense:
+            by_dim.setdefault(factors[i].dim, []).append(i)
+        for d, idx in by_dim.items():
+            outs = cls._compact_many([factors[i] for i in idx],
+                                     [_cached("eye", d, dt, dev)] * len(idx),
+                                     [(rows[i], rs[i], yym[i]) for i in idx],
+                                     [rts[i] for i in idx], pick(d_new, idx),
+                                     pick(gamma_new, idx))
+            for i, o in zip(idx, outs):
+                dense_new[i] = o
+        h_y: list = [None] * n
+        hp: list = [None] * n
+        for i in dense:
+            h_y[i] = dense_new[i] @ y[i]
+            hp[i] = torch.stack([h_y[i], dense_new[i].sum(1)])
+        if comp:
+            outs = cls._compact_many(
+                [factors[i] for i in comp],
+                [torch.stack([y[i], _cached("ones", factors[i].dim, dt, dev)], dim=1)
+                 for i in comp],
+                [(rows[i], rs[i], yym[i]) for i in comp], [rts[i] for i in comp],
+                pick(d_new, comp), pick(gamma_new, comp))
+            for i, o in zip(comp, outs):
+                hp[i] = o
+                h_y[i] = o[:, 0]
+        resid = torch.stack([torch.linalg.vector_norm(t) for t in torch._foreach_sub(h_y, s)]
+                            + [torch.linalg.vector_norm(si) for si in s]).view(2, n)
+        rtol = f0.secant_rtol[dt == torch.float64]
+        # finite R, Y Y^T and H+ [y, 1] (exact: t * 0 is NaN exactly where t is not finite)
+        fin = (torch.cat([r_new, yy_new], 1).mul(0).sum((1, 2))
+               + torch.stack(torch._foreach_norm(torch._foreach_mul(hp, 0.0), 1))) == 0
+        ok = ok & fin & (resid[0] <= rtol * resid[1])
+        # the writes: the memory and the dense H per layer (in place, as update), the p-sized
+        # state of all layers selected at once and copied into place at one call
+        oks = ok.unbind()
+        for f, o, r, h in zip(factors, oks, rows, dense_new):
+            torch.where(o, r, f._sy, out=f._sy)
+            if h is not None:
+                torch.where(o, h, f._dense, out=f._dense)
+        ok1, ok2 = ok.view(n, 1), ok.view(n, 1, 1)
+        torch._foreach_copy_([f.valid for f in factors],
+                             torch.where(ok1, valid_new, valid).unbind())
+        torch._foreach_copy_(
+            [f.gamma for f in factors] + [f._r for f in factors] + [f._d for f in factors]
+            + [f._yy for f in factors],
+            [*torch.where(ok, gamma_new, gamma).unbind(),
+             *torch.where(ok2, r_new, torch.stack([f._r for f in factors])).unbind(),
+             *torch.where(ok1, d_new, d_old).unbind(),
+             *torch.where(ok2, yy_new, torch.stack([f._yy for f in factors])).unbind()])
+        return list(oks)
 
     def state_bytes(self) -> int:
         """The pairs, flags and gamma, plus what is derived from them and held between steps
