@@ -81,6 +81,29 @@ class InverseFactor(Component):
         a rule may batch its per-layer scalar logic across the layers (fewer dispatched ops)."""
         return [f.update(si, yi, ai) for f, si, yi, ai in zip(factors, s, y, allow)]
 
+    @staticmethod
+    def _update_grouped(factors: list["InverseFactor"], s: list[Tensor], y: list[Tensor],
+                        allow: list[Tensor | None], key_of: Callable[[int], Any],
+                        run_group: Callable[[list[int]], list[Tensor]]) -> list[Tensor]:
+        """The dispatch of a batched :meth:`update_many`: layer i goes into the group
+        ``key_of(i)`` (None: not batchable); groups of two or more layers run through
+        ``run_group(positions)`` (their flags in that order), the others through ``update``.
+        A factor listed twice makes it the plain loop (the loop updates it twice in turn)."""
+        if len({id(f) for f in factors}) < len(factors):
+            return [f.update(si, yi, ai) for f, si, yi, ai in zip(factors, s, y, allow)]
+        groups: dict[Any, list[int]] = {}
+        for i in range(len(factors)):
+            groups.setdefault(key_of(i), []).append(i)
+        out: list[Tensor | None] = [None] * len(factors)
+        for key, idx in groups.items():
+            if key is None or len(idx) < 2:
+                for i in idx:
+                    out[i] = factors[i].update(s[i], y[i], allow[i])
+            else:
+                for i, ok in zip(idx, run_group(idx)):
+                    out[i] = ok
+        return out  # type: ignore[return-value]
+
     def apply_right(self, m: Tensor) -> Tensor:
         """m H^T for a matrix (n, dim), i.e. ``apply(m.T).T`` (override for a faster layout)."""
         return self.apply(m.T).T

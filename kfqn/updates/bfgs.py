@@ -243,31 +243,22 @@ class BFGSFactor(InverseFactor):
         on the stacked values of all layers of one dtype and device. Layers of another
         ``update``, or an ``allow`` that is not a 0-dim bool tensor, go through the loop."""
         factors, s, y, allow = list(factors), list(s), list(y), list(allow)
-        out: list[Tensor | None] = [None] * len(factors)
-        groups: dict = {}
-        for i, f in enumerate(factors):
-            a = allow[i]
+
+        def key_of(i: int) -> Any:
+            f, a = factors[i], allow[i]
             plain = (type(f).update is BFGSFactor.update and type(f)._consts is BFGSFactor._consts
                      and (a is None or (isinstance(a, Tensor) and a.dim() == 0
                                         and a.dtype == torch.bool and a.device == f.h.device))
                      and s[i].dim() == 1 and y[i].dim() == 1 and f.h.dim() == 2
                      and s[i].dtype == y[i].dtype == f.h.dtype
                      and s[i].device == y[i].device == f.h.device)
-            key = ((f.increment_rtol, f.growth_rtol, f.hy_error_rtol, f.cancel_tol, f.h.dtype,
-                    f.h.device) if plain else None)
-            groups.setdefault(key, []).append(i)
-        # the same factor twice: the loop updates it twice in turn
-        alias = len({id(f) for f in factors}) < len(factors)
-        for key, idx in groups.items():
-            if key is None or alias or len(idx) < 2:
-                for i in idx:
-                    out[i] = factors[i].update(s[i], y[i], allow[i])
-            else:
-                oks = cls._update_group([factors[i] for i in idx], [s[i] for i in idx],
-                                        [y[i] for i in idx], [allow[i] for i in idx])
-                for i, ok in zip(idx, oks):
-                    out[i] = ok
-        return out  # type: ignore[return-value]
+            return ((f.increment_rtol, f.growth_rtol, f.hy_error_rtol, f.cancel_tol, f.h.dtype,
+                     f.h.device) if plain else None)
+
+        def run_group(idx: list[int]) -> list[Tensor]:
+            return cls._update_group([factors[i] for i in idx], [s[i] for i in idx],
+                                     [y[i] for i in idx], [allow[i] for i in idx])
+        return cls._update_grouped(factors, s, y, allow, key_of, run_group)
 
     @staticmethod
     def _update_group(factors, s, y, allow) -> list[Tensor]:

@@ -251,13 +251,9 @@ class LBFGSFactor(InverseFactor):
         the writes of the p-sized state. Layers of another ``update`` or options, or an
         ``allow`` that is not a 0-dim bool tensor, go through the loop."""
         factors, s, y, allow = list(factors), list(s), list(y), list(allow)
-        if len({id(f) for f in factors}) < len(factors):
-            # the same factor twice: the loop updates it twice in turn
-            return [f.update(si, yi, ai) for f, si, yi, ai in zip(factors, s, y, allow)]
-        out: list[Tensor | None] = [None] * len(factors)
-        groups: dict = {}
-        for i, f in enumerate(factors):
-            a = allow[i]
+
+        def key_of(i: int) -> Any:
+            f, a = factors[i], allow[i]
             plain = (isinstance(f, LBFGSFactor)
                      and all(getattr(type(f), m) is getattr(LBFGSFactor, m)
                              for m in ("update", "apply", "_compact", "_derive", "uses_dense"))
@@ -267,22 +263,18 @@ class LBFGSFactor(InverseFactor):
                      and s[i].dtype == y[i].dtype == f._sy.dtype == f.dtype
                      and s[i].device == y[i].device == f._sy.device
                      and (f._dense is not None) == f.uses_dense)
-            key = ((f.memory, f.gamma_mode, f.cancel_tol, f.secant_rtol, f.dtype, f._sy.device)
-                   if plain else None)
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            if key is None or len(idx) < 2:
-                for i in idx:
-                    out[i] = factors[i].update(s[i], y[i], allow[i])
-            else:
-                # the layers that keep no dense H first, then those that do by size (so that
-                # the layers of each product form are neighbours in the stacked values)
-                idx = sorted(idx, key=lambda i: (factors[i]._dense is not None, factors[i].dim))
-                oks = cls._update_group([factors[i] for i in idx], [s[i] for i in idx],
-                                        [y[i] for i in idx], [allow[i] for i in idx])
-                for i, ok in zip(idx, oks):
-                    out[i] = ok
-        return out  # type: ignore[return-value]
+            return ((f.memory, f.gamma_mode, f.cancel_tol, f.secant_rtol, f.dtype, f._sy.device)
+                    if plain else None)
+
+        def run_group(idx: list[int]) -> list[Tensor]:
+            # the layers that keep no dense H first, then those that do by size (so that the
+            # layers of each product form are neighbours in the stacked values)
+            order = sorted(idx, key=lambda i: (factors[i]._dense is not None, factors[i].dim))
+            oks = cls._update_group([factors[i] for i in order], [s[i] for i in order],
+                                    [y[i] for i in order], [allow[i] for i in order])
+            flag = dict(zip(order, oks))
+            return [flag[i] for i in idx]
+        return cls._update_grouped(factors, s, y, allow, key_of, run_group)
 
     @staticmethod
     def _compact_many(factors: list["LBFGSFactor"], mats: list[Tensor], memos: list[tuple],
