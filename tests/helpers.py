@@ -75,16 +75,21 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def tensor_paths(tree, prefix: str = ""):
+    """(path "/a/0/b", tensor) for every tensor in a nested dict / list / tuple."""
+    if isinstance(tree, torch.Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from tensor_paths(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from tensor_paths(v, f"{prefix}/{i}")
+
+
 def tensors_of(tree):
     """Every tensor in a nested dict / list / tuple."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from tensors_of(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from tensors_of(v)
+    return [t for _, t in tensor_paths(tree)]
 
 
 def flat_state(obj, prefix: str = "") -> dict:

@@ -8,20 +8,12 @@ import torch
 
 import kfqn
 from helpers import (all_presets, batches, make_closure, quiet, small_cnn, teacher_data,
-                     tensors_of)
+                     tensor_paths, tensors_of)
 
 
-def addresses(obj, prefix=""):
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(addresses(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(addresses(v, f"{prefix}/{i}"))
-    elif isinstance(obj, torch.Tensor):
-        out[prefix] = obj.data_ptr()
-    return out
+def addresses(obj):
+    """path -> data pointer of every state tensor."""
+    return {path: t.data_ptr() for path, t in tensor_paths(obj)}
 
 
 def _trained(preset, **overrides):
