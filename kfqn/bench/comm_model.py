@@ -293,11 +293,6 @@ class CountingComm:
 
         return TorchDistributed.mean_many(self._impl, tensors)
 
-    def all_ok(self, flag: torch.Tensor) -> torch.Tensor:
-        from kfqn.core.communicator import TorchDistributed
-
-        return TorchDistributed.all_ok(self._impl, flag)
-
     def sum_(self, flat: torch.Tensor) -> torch.Tensor:
         """Counted; the other ranks' shares are not simulated (placement=owner directions)."""
         self.calls += 1

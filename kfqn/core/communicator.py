@@ -42,12 +42,6 @@ class Communicator:
     def sum_(self, flat: Tensor) -> Tensor:
         return flat
 
-    def all_ok(self, flag: Tensor) -> Tensor:
-        return flag
-
-    def sum_int(self, value: int) -> int:
-        return value
-
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (host objects; outside the step)."""
         return [obj]
@@ -111,17 +105,6 @@ class TorchDistributed(Communicator):
         """``flat`` summed over the ranks, in place (one all-reduce)."""
         self._all_reduce(flat)
         return flat
-
-    def all_ok(self, flag: Tensor) -> Tensor:
-        """True on every rank only if it is true on every rank (one all-reduce)."""
-        bad = (~flag).to(torch.float32).reshape(1)
-        self._all_reduce(bad)
-        return bad[0] == 0
-
-    def sum_int(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        self._all_reduce(t)
-        return int(t[0])
 
     def gather_objects(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world_size
