@@ -38,32 +38,69 @@ from kfqn.core.finite import const
 
 #: (rtols, dtype, device) -> the constants of BFGSFactor.update
 _CONSTS: dict = {}
-#: (dims, device) -> the index tensors of BFGSFactor.update_many (read-only)
+#: (dims, dtype, device) -> the _Layout of BFGSFactor._update_group (scratch buffers)
 _LAYOUTS: dict = {}
-#: row stride, in bytes, of the per-layer 2 x 2 coefficient blocks of BFGSFactor.update_many
-#: (each block starts as aligned as a fresh allocation's small-matrix kernels may need)
-_BLOCK_BYTES = 256
+#: alignment, in bytes, of each layer's segment in the flat buffers of BFGSFactor._update_group
+#: (MKL's dot products and rank-2 updates round by the alignment of their operands: each
+#: layer's operands start as aligned as a fresh allocation, so that a group of layers rounds
+#: as each layer alone does)
+_ALIGN_BYTES = 64
 
 
-def _layout(dims: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """(seg, pos, dmax) for layers of sizes ``dims``: ``seg`` (sum d,) the layer of each entry
-    of the concatenated vectors; ``pos`` (5 sum d,) where the entries of five concatenated
-    per-layer quantities go in a padded (5, L, dmax) buffer."""
-    key = (dims, device)
+class _Layout:
+    """Flat scratch buffers for the layers of sizes ``dims`` of one BFGS group, with the views
+    of every layer built once. Each layer owns the segment [off_i, off_i + d_i) of every
+    buffer row (segments ``_ALIGN_BYTES`` aligned; the padding between them stays zero):
+
+    * ``x`` (2, n): [s; H y] end to end -- row i of the per-layer U^T = [s, Hy]^T;
+    * ``a`` (2, n): [c s - rho H y; -rho s] -- the per-layer V^T of H += V U^T;
+    * ``k`` (3, n): per-entry copies of the coefficients (c, 2 rho, -rho);
+    * ``v`` (5, n): the rows whose per-layer maxima the guards need
+      (|s|, |Hy|, |H_ii|, |H_ii + (c s - 2 rho Hy) s|, -H_ii);
+    * ``w`` (n,): w = H y - H^T y;
+    * ``sy`` (L, 2): [s^T y, y^T H y] of each layer.
+
+    Scratch only: nothing returned by an update aliases it."""
+
+    def __init__(self, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        align = max(1, _ALIGN_BYTES // torch.finfo(dtype).bits * 8)
+        offs, lengths, seg, n = [], [], [], 0
+        for i, d in enumerate(dims):
+            width = -(-d // align) * align
+            offs.append(n)
+            lengths += [d, width - d]
+            seg += [i] * width
+            n += width
+        self.n, self.offs = n, offs
+        with torch.inference_mode(False):
+            z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
+            self.x, self.a, self.k, self.v, self.w = z(2, n), z(2, n), z(3, n), z(5, n), z(n)
+            self.sy = z(len(dims), 2)
+            self.seg = torch.tensor(seg, dtype=torch.long, device=device)
+            self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+            cut = [slice(o, o + d) for o, d in zip(offs, dims)]
+            self.xs = [self.x[:, c] for c in cut]                    # U^T of each layer
+            self.x_s = [self.x[0, c] for c in cut]
+            self.x_hy = [self.x[1, c] for c in cut]
+            self.at = [self.a[:, c].T for c in cut]                  # V of each layer
+            self.w_l = [self.w[c] for c in cut]
+            self.diag = [self.v[2, c] for c in cut]
+            self.sy_l = list(self.sy.unbind())
+            self.sy_cols = self.sy.T.unbind()                        # s^T y, y^T H y
+            self.x0, self.x1 = self.x.unbind()
+            self.a0 = self.a[0]
+            self.k0, self.k1, self.k2 = self.k.unbind()
+            self.k02 = self.k[0::2]                                  # (c, -rho) per entry
+            self.v01, self.v23 = self.v[0:2], self.v[2:4]
+            _, _, self.v2, self.v3, self.v4 = self.v.unbind()
+            self.vt = self.v.T
+
+
+def _layout(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Layout:
+    key = (dims, dtype, device)
     got = _LAYOUTS.get(key)
     if got is None:
-        n, dmax = len(dims), max(dims)
-        seg, pos = [], []
-        for i, d in enumerate(dims):
-            seg += [i] * d
-        for k in range(5):
-            for i, d in enumerate(dims):
-                base = (k * n + i) * dmax
-                pos += range(base, base + d)
-        with torch.inference_mode(False):
-            got = (torch.tensor(seg, dtype=torch.long, device=device),
-                   torch.tensor(pos, dtype=torch.long, device=device), dmax)
-        _LAYOUTS[key] = got
+        got = _LAYOUTS[key] = _Layout(dims, dtype, device)
     return got
 
 
@@ -156,7 +193,17 @@ class BFGSFactor(InverseFactor):
         return self.h @ v
 
     def apply_right(self, m: Tensor) -> Tensor:
-        return m @ self.h.T
+        return m @ self._views()[0]                          # m H^T, the transpose cached
+
+    def _views(self) -> tuple[Tensor, Tensor]:
+        """(H^T, diag H): views of ``self.h`` built once per tensor (``reset`` and
+        ``load_state_dict`` bind a new one; updates are in place), so that a step does not
+        dispatch a transpose or a diagonal."""
+        got = self.__dict__.get("_h_views")
+        if got is None or got[0] is not self.h:
+            h = self.h
+            got = self._h_views = (h, h.T, torch.diagonal(h))
+        return got[1], got[2]
 
     def _consts(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
         """Cached device constants of :meth:`update`: 0, 1, the factors of its guards' left
@@ -180,59 +227,10 @@ class BFGSFactor(InverseFactor):
         return got
 
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
-        # few torch calls on purpose: on a GPU each costs a kernel launch from Python (and on
-        # the CPU each pays the dispatcher's fixed cost): constants are cached device tensors,
-        # and the four guards after the first are one vector comparison
-        h = self.h
-        zero, one, lhs_k, rhs_k, below_quarter_max = self._consts(h.dtype, h.device)
-        hy = h @ y
-        u = torch.stack([s, hy], dim=1)                      # U = [s, Hy]
-        y_row = y.unsqueeze(0)
-        sy, yhy = y_row.mm(u).squeeze_(0).unbind()           # s^T y, y^T H y
-        s_max, hy_max = u.abs().amax(0).unbind()             # NaN / inf propagate
-        finfo = torch.finfo(h.dtype)
-        # s^T y > 0, and large enough not to be lost to cancellation against y^T H y (NaN: no)
-        ok = sy > (self.cancel_tol * finfo.eps * yhy).clamp_min(0.0)
-        if allow is not None:
-            ok = ok & allow
-        rho = torch.reciprocal(torch.where(ok, sy, one))
-        coef = (rho * yhy + 1.0) * rho
-        rho2 = 2.0 * rho
-        # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|, those
-        # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
-        # or inf, and the comparison false
-        bound = (coef.abs() * s_max + rho2.abs() * hy_max) * s_max
-        h_diag = torch.diagonal(h)
-        h_max = h_diag.abs().amax()
-        bh = bound + h_max
-        # rounding of H and of the increment (about eps * (max|H| + bound)) must stay small
-        # against the new H, whose entries are bounded by its largest diagonal entry (O(d) to
-        # compute): otherwise terms far larger than the result cancel and leave noise of
-        # either sign
-        new_max = (h_diag + (coef * s - rho2 * hy) * s).abs().amax()
-        # H+ agrees with H on the complement of s, so H's small eigenvalues live on in H+: the
-        # increment's rounding (eps * bound) must stay small against them too, for which the
-        # smallest diagonal entry of H stands in (class docstring)
-        h_min = h_diag.amin()
-        # the error of Hy: w = Hy - H^T y (the stored H's skew part, rounding of every update
-        # since H0 that never decays, plus the rounding of the two products) puts
-        # -rho/2 (s w^T + w s^T) into H+, which lowers its lowest eigenvalue by at most
-        # rho ||w||^2 / 4 (class docstring); that must stay small against the new H
-        w_norm = torch.linalg.vector_norm(hy - y_row.mm(h))
-        skew = 0.25 * (rho * w_norm) * w_norm
-        # the guards, elementwise  lhs_k * [bh, bh, bound, skew] <= rhs_k * [max/4-, new_max,
-        # h_min, new_max]:  bh < max / 4 (no overflow); eps bh <= increment_rtol new_max;
-        # eps bound <= growth_rtol h_min; skew <= hy_error_rtol new_max
-        lhs = torch.stack([bh, bh, bound, skew]) * lhs_k
-        rhs = torch.stack([below_quarter_max, new_max, h_min, new_max]) * rhs_k
-        ok = ok & (lhs <= rhs).all()
-        # H += U C U^T with C = [[c, -rho], [-rho, 0]]; C = 0 and U = 0 where not ok, so a
-        # rejected pair leaves H bitwise unchanged
-        neg_rho = -rho
-        c = torch.where(ok, torch.stack([coef, neg_rho, neg_rho, zero]), zero)
-        u = torch.where(ok, u, zero)
-        h.addmm_(u @ c.view(2, 2), u.T)
-        return ok
+        # the batched rule on a group of one layer (so that update_many is this loop bitwise)
+        if allow is not None and allow.dim() != 0:
+            allow = allow.reshape(())
+        return BFGSFactor._update_group([self], [s], [y], [allow])[0]
 
     @classmethod
     def update_many(cls, factors, s, y, allow):
@@ -262,65 +260,72 @@ class BFGSFactor(InverseFactor):
 
     @staticmethod
     def _update_group(factors, s, y, allow) -> list[Tensor]:
-        """:meth:`update_many` for L >= 2 plain factors of one dtype, device and options."""
+        """The update of L >= 1 factors of one dtype, device and options (module docstring).
+
+        Per layer only the products with H: H y, w = H y - H^T y, [s^T y, y^T H y] and the
+        rank-2 update H += V U^T (U = [s, Hy], V = [c s - rho Hy, -rho s]), each written into
+        or read from a layer's segment of the flat buffers of :class:`_Layout`. Everything
+        else -- the scalar logic on (L,) vectors, the elementwise work on all layers' vectors
+        end to end, the per-layer maxima by one segmented reduction, the zeroing of rejected
+        pairs -- runs once for the group."""
         n = len(factors)
         f0 = factors[0]
-        h0 = f0.h
-        dtype, device = h0.dtype, h0.device
+        dtype, device = f0.h.dtype, f0.h.device
         zero, one, lhs_k, rhs_k, below_quarter_max = f0._consts(dtype, device)
-        finfo = torch.finfo(dtype)
-        # per layer, as update does it: H y, U = [s, Hy], s^T y and y^T H y, w = Hy - H^T y
-        hs = [f.h for f in factors]
-        hys, us, syy, wn = [], [], [], []
-        for h, si, yi in zip(hs, s, y):
-            hy = h @ yi
-            u = torch.stack([si, hy], dim=1)
-            y_row = yi.unsqueeze(0)
-            syy.append(y_row.mm(u))                          # (1, 2): s^T y, y^T H y
-            wn.append(torch.linalg.vector_norm(hy - y_row.mm(h)))
-            hys.append(hy)
-            us.append(u)
-        diags = [torch.diagonal(h) for h in hs]
-        sy, yhy = torch.cat(syy).unbind(1)
-        w_norm = torch.stack(wn)
-        # the scalar logic of update, on (L,) vectors
-        ok = sy > (f0.cancel_tol * finfo.eps * yhy).clamp_min(0.0)
+        eps = torch.finfo(dtype).eps
+        lay = _layout(tuple(f.h.shape[0] for f in factors), dtype, device)
+        views = [f._views() for f in factors]
+        # s and diag H into their segments (one op), then per layer H y, w, s^T y and y^T H y
+        torch._foreach_copy_(lay.x_s + lay.diag, list(s) + [dg for _, dg in views])
+        for f, (ht, _), yi, hy, w, u, sy_i in zip(factors, views, y, lay.x_hy, lay.w_l,
+                                                   lay.xs, lay.sy_l):
+            torch.mv(f.h, yi, out=hy)
+            torch.addmv(hy, ht, yi, alpha=-1.0, out=w)
+            torch.mv(u, yi, out=sy_i)
+        sy, yhy = lay.sy_cols
+        # s^T y > 0, and large enough not to be lost to cancellation against y^T H y (NaN: no)
+        ok = sy > (f0.cancel_tol * eps * yhy).clamp_min(0.0)
         if any(a is not None for a in allow):
             true = const(True, torch.bool, device)
             ok = ok & torch.stack([true if a is None else a for a in allow])
         rho = torch.reciprocal(torch.where(ok, sy, one))
-        coef = (rho * yhy + 1.0) * rho
-        rho2 = 2.0 * rho
-        # elementwise over the concatenated vectors of all layers (coef and rho2 repeated per
-        # entry), then the exact max / min per layer from a padded (5, L, dmax) buffer:
-        # max|s|, max|Hy|, max|H_ii|, max|H_ii + (c s - 2 rho Hy) s|, max(-H_ii)
-        seg, pos, dmax = _layout(tuple(h.shape[0] for h in hs), device)
-        s_cat, hy_cat, d_cat = torch.cat(s), torch.cat(hys), torch.cat(diags)
-        t_cat = d_cat + (coef[seg] * s_cat - rho2[seg] * hy_cat) * s_cat
-        vals = torch.cat([torch.cat([s_cat, hy_cat, d_cat, t_cat]).abs(), d_cat.neg()])
-        buf = torch.full((5 * n * dmax,), float("-inf"), dtype=dtype, device=device)
-        s_max, hy_max, h_max, new_max, neg_min = (
-            buf.index_copy_(0, pos, vals).view(5, n, dmax).amax(2).unbind())
-        h_min = neg_min.neg()
-        bound = (coef.abs() * s_max + rho2.abs() * hy_max) * s_max
+        coef = torch.addcmul(one, rho, yhy) * rho            # c = rho^2 y^T H y + rho
+        rho2 = rho + rho
+        # c, 2 rho, -rho for every entry of the layer's segment
+        torch.index_select(torch.stack([coef, rho2, rho.neg()]), 1, lay.seg, out=lay.k)
+        # the rows to reduce per layer: |s|, |Hy| (NaN / inf propagate), |H_ii|,
+        # |H_ii + (c s - 2 rho Hy) s| (the new diagonal), -H_ii
+        torch.neg(lay.v2, out=lay.v4)
+        t = torch.mul(lay.k0, lay.x0).addcmul_(lay.k1, lay.x1, value=-1.0)
+        torch.addcmul(lay.v2, t, lay.x0, out=lay.v3)
+        torch.abs(lay.x, out=lay.v01)
+        lay.v23.abs_()
+        # the per-layer maxima (segments alternate layer, padding)
+        s_max, hy_max, h_max, new_max, neg_min = torch.segment_reduce(
+            lay.vt, "max", lengths=lay.lengths, axis=0)[0::2].unbind(1)
+        w_norm = torch.stack(torch._foreach_norm(lay.w_l))
+        # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|, those
+        # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
+        # or inf, and the comparison false
+        bound = torch.addcmul(coef.abs() * s_max, rho2.abs(), hy_max) * s_max
         bh = bound + h_max
         skew = 0.25 * (rho * w_norm) * w_norm
+        # the guards, elementwise  lhs_k * [bh, bh, bound, skew] <= rhs_k * [max/4-, new_max,
+        # h_min, new_max] (class docstring)
         lhs = torch.stack([bh, bh, bound, skew], dim=1) * lhs_k
-        rhs = torch.stack([below_quarter_max.expand(n), new_max, h_min, new_max], dim=1) * rhs_k
+        rhs = torch.stack([below_quarter_max.expand(n), new_max, neg_min.neg(), new_max],
+                          dim=1) * rhs_k
         ok = ok & (lhs <= rhs).all(1)
-        # C = [[c, -rho], [-rho, 0]] per layer, zero where not ok, each 2 x 2 block in a row of
-        # its own (rows _BLOCK_BYTES apart)
-        neg_rho = -rho
-        width = max(4, _BLOCK_BYTES // finfo.bits * 8)
-        zeros = zero.expand(n)
-        c = torch.where(ok.unsqueeze(1),
-                        torch.stack([coef, neg_rho, neg_rho] + [zeros] * (width - 3), dim=1), zero)
-        cs = c.as_strided((n, 2, 2), (width, 2, 1)).unbind()
-        oks = ok.unbind()
-        for h, u, ci, oki in zip(hs, us, cs, oks):
-            u = torch.where(oki, u, zero)
-            h.addmm_(u @ ci, u.T)
-        return list(oks)
+        # U and the coefficients zero where rejected, so that H is left unchanged
+        ok_e = ok[lay.seg]
+        torch.where(ok_e, lay.x, zero, out=lay.x)
+        torch.where(ok_e, lay.k02, zero, out=lay.k02)
+        # V^T = [c s - rho Hy; -rho s]
+        torch.mul(lay.k02, lay.x0, out=lay.a)
+        lay.a0.addcmul_(lay.k2, lay.x1)
+        for f, v, u in zip(factors, lay.at, lay.xs):
+            f.h.addmm_(v, u)
+        return list(ok.unbind())
 
     def dense(self) -> Tensor:
         return 0.5 * (self.h + self.h.T)
