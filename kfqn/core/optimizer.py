@@ -31,6 +31,7 @@ from kfqn.core.communicator import Communicator, ReducingAdapter, TorchDistribut
 from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
 from kfqn.core.finite import all_finite, all_finite_many, const
+from kfqn.core.flat_step import FlatBucket
 from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.placement import assign_owners, factor_cost
 from kfqn.core.registry import Registry, default_registry
@@ -184,6 +185,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self.unsupported: dict[str, str] = {}
         self.layers: dict[str, Layer] = {}
         self._build_layers()
+        self._build_buckets()
         self._sampling_layers = [l for l in self.layers.values()
                                  if "sampled_grads" in l.precond.needs]
         if self._sampling_layers and not any(l.owned for l in self._sampling_layers):
@@ -303,6 +305,19 @@ class KFQNOptimizer(torch.optim.Optimizer):
         self.fallback_params += [n for n, _, _ in entries]
         self._sampling_layers = [l for l in self._sampling_layers if l.name in self.layers]
         self._needs_trial = any("trial" in l.precond.needs for l in self.layers.values())
+        self._build_buckets()
+
+    def _build_buckets(self) -> None:
+        """The direction state of the layers this rank owns in flat buffers, one
+        :class:`~kfqn.core.flat_step.FlatBucket` per param group and device (the layers'
+        ``momentum``, ``started``, ``dir_rejected`` become views of them)."""
+        groups: dict[tuple, list[Layer]] = {}
+        for layer in self.layers.values():
+            if layer.owned:
+                key = (layer.group, layer.momentum.device)
+                groups.setdefault(key, []).append(layer)
+        self._buckets = [FlatBucket(members, self.factor_dtype, dev)
+                         for (_, dev), members in groups.items()]
 
     def _unsupported(self, name: str, module: nn.Module, reason: str) -> None:
         policy = self.config["unsupported"]
@@ -758,6 +773,31 @@ class KFQNOptimizer(torch.optim.Optimizer):
         return None if ok is None else reduced[-1][0] == 0
 
     def _precondition_and_move(self, active: list[Layer], ok: Tensor) -> None:
+        """Momentum, direction and move of the active layers: batched per param group
+        (:class:`~kfqn.core.flat_step.FlatBucket`) when all of a group's layers are active and
+        the parameters have the factor dtype; else layer by layer, on the same state."""
+        rest = active
+        if not self._owner_mode:
+            form = self.config["momentum_form"]
+            inside = self.config["weight_decay_mode"] == "inside"
+            done: set[int] = set()
+            for bucket in self._buckets:
+                members = [l for l in active if l.group == bucket.layers[0].group
+                           and l.momentum.device == bucket.device]
+                if not bucket.covers(members):
+                    continue
+                group = self.param_groups[members[0].group]
+                rho = float(group["momentum"])
+                bucket.step(ok, float(group["lr"]), rho, (1.0 - rho) if form == "ema" else 1.0,
+                            float(group["weight_decay"]), inside,
+                            [l.precond.precondition_t for l in members])
+                done.update(id(l) for l in members)
+            rest = [l for l in active if id(l) not in done]
+        self._precondition_and_move_layers(rest, ok)
+
+    def _precondition_and_move_layers(self, active: list[Layer], ok: Tensor) -> None:
+        """The same as :class:`~kfqn.core.flat_step.FlatBucket`'s step, one layer at a time
+        (and under ``placement: owner``, with the directions exchanged before the move)."""
         form = self.config["momentum_form"]
         inside = self.config["weight_decay_mode"] == "inside"
         dt = self.factor_dtype
@@ -1071,9 +1111,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 continue
             s = state_dict["layers"][name]
             layer.precond.load_state_dict(s["precond"])
-            layer.momentum = s["momentum"].to(layer.momentum).clone()
-            layer.started = s["started"].to(layer.started.device).clone()
-            layer.dir_rejected = s["dir_rejected"].to(layer.dir_rejected.device).clone()
+            # into the flat buffers' views (shapes checked by _check_checkpoint)
+            layer.momentum.copy_(s["momentum"])
+            layer.started.copy_(s["started"])
+            layer.dir_rejected.copy_(s["dir_rejected"])
         self.fallback.load_state_dict(state_dict["fallback"])
         for (_, fb), (_, state) in zip(self._late_fallbacks, state_dict.get("released", [])):
             fb.load_state_dict(state)

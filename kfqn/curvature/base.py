@@ -211,6 +211,17 @@ class AEstimator(_Estimator):
 
     needs_warm_start: bool = False
 
+    def apply(self, m: Tensor) -> Tensor:
+        """M H_a, for an estimator whose H_a is its inverse factor ``self.factor``."""
+        return self.factor.apply(m.T).T
+
+    def apply_t(self, mt: Tensor) -> Tensor:
+        """H_a M^T = (M H_a)^T: with the default :meth:`apply`, H_a (symmetric) times M^T as
+        one product, without the two transposes of the generic form."""
+        if type(self).apply is AEstimator.apply:
+            return self.factor.apply(mt)
+        return super().apply_t(mt)
+
     def warm_accumulate(self, inp: Tensor) -> None:
         """Forward-only warm start: absorb one batch of inputs."""
 

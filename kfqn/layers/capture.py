@@ -95,9 +95,13 @@ class CaptureHooks:
             if not (self.force_grad and output.grad_fn is None and output.is_floating_point()):
                 return
             output.requires_grad_()
+        with torch.no_grad():  # the means need no graph: no detach() ops (issue 11's op budget)
+            h_mean = self.adapter.output_mean(output)
         cap = Capture(
-            inp=inp.detach(),
-            h_mean=self.adapter.output_mean(output.detach()),
+            # kept as given (no detach op): every reader works under no_grad; the reference is
+            # dropped when the step ends (reset)
+            inp=inp,
+            h_mean=h_mean,
             batch=inp.shape[0],
             positions=self.adapter.positions(inp),
             calls=self.slots[phase].calls + 1,
@@ -110,7 +114,8 @@ class CaptureHooks:
         def _grad_hook(grad: Tensor) -> None:
             if self.muted:
                 return
-            cap.g_mean = adapter.grad_output_mean(grad.detach())
+            with torch.no_grad():
+                cap.g_mean = adapter.grad_output_mean(grad)
             if keep:
                 cap.grad_out = grad.detach()
 

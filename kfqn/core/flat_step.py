@@ -1,0 +1,152 @@
+"""The direction and the move of every preconditioned layer of a param group in a few batched
+operations (docs/algorithms.md §3; issue 11's op budget).
+
+The per-layer state of the direction -- the momentum Mhat_l (d_g, d_a), the flag ``started_l``
+and the counter ``dir_rejected_l`` -- lives in flat buffers, one set per param group and
+device (a :class:`FlatBucket`); each layer's tensors are views of them, so the state is
+updated in place at static addresses and checkpoints stay keyed by layer. One work buffer of
+the same size holds first the homogeneous gradients and then the directions. Per step, with
+``ok`` the step's device flag (loss and gradients finite)::
+
+    G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], weight decay "inside")   one cat per layer
+    Mhat <- k Mhat + c where(ok, G, 0)         once; (k, c) per layer = (rho, 1 - rho) started,
+                                                (0, 1) first accepted step, (1, 0) not ok
+    D_l^T = precondition_t(Mhat_l^T) (+ tau Wbar_l^T "outside")          the layer's products
+    good_l = ok and sum(D_l) finite; D_l <- 0 where not good_l          once
+    theta <- theta - lr D                                               one _foreach_add_
+
+Bit for bit the per-layer loop it replaces (``KFQNOptimizer._precondition_and_move_layers``):
+every elementwise operation is the same operation, and each layer's products get the same
+operands in the same layout. Used when every layer of the bucket delivered statistics this step
+and the parameters have the factor dtype; otherwise the optimizer runs the per-layer loop on the
+same state views.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from kfqn.layers.base import LayerAdapter
+
+#: (rho, coef, dtype, device) -> the (3, 2) table of momentum coefficients (k, c) and a zero
+_TABLES: dict = {}
+
+
+def _table(rho: float, coef: float, dtype: torch.dtype, device: torch.device) -> tuple:
+    key = (rho, coef, dtype, device)
+    got = _TABLES.get(key)
+    if got is None:
+        with torch.inference_mode(False):
+            got = (torch.tensor([rho, coef], dtype=dtype, device=device),
+                   torch.tensor([0.0, 1.0], dtype=dtype, device=device),
+                   torch.tensor([1.0, 0.0], dtype=dtype, device=device),
+                   torch.zeros((), dtype=dtype, device=device))
+        _TABLES[key] = got
+    return got
+
+
+def _is_view_of(t: Tensor, base: Tensor) -> bool:
+    return t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
+def _plain_homogeneous(adapter: LayerAdapter) -> bool:
+    """The adapter builds Mbar with the base class's [W reshaped, b] (Linear, Conv2d)."""
+    cls = type(adapter)
+    return (cls.homogeneous is LayerAdapter.homogeneous
+            and cls.homogeneous_grad is LayerAdapter.homogeneous_grad)
+
+
+class FlatBucket:
+    """The layers of one param group on one device, their direction state in flat buffers.
+
+    ``layers`` are the optimizer's ``Layer`` records; on construction their ``momentum``,
+    ``started`` and ``dir_rejected`` are copied into the buffers and replaced by views."""
+
+    def __init__(self, layers: Sequence[Any], dtype: torch.dtype, device: torch.device) -> None:
+        self.layers = list(layers)
+        self.dtype, self.device = dtype, device
+        sizes = [l.adapter.d_g * l.adapter.d_a for l in self.layers]
+        self.sizes = sizes
+        n = sum(sizes)
+        self.lengths = torch.tensor(sizes, dtype=torch.long, device=device)
+        self.momentum = torch.zeros(n, dtype=dtype, device=device)
+        self.work = torch.zeros(n, dtype=dtype, device=device)
+        self.started = torch.zeros((len(sizes), 1), dtype=torch.bool, device=device)
+        self.dir_rejected = torch.zeros(len(sizes), dtype=torch.long, device=device)
+        self.grad_in: list[Tensor] = []       # G_l, (d_g, d_a) views of work
+        self.grad_parts: list[Tensor] = []    # views of G_l shaped like the layer's targets
+        self.mom_t: list[Tensor] = []         # Mhat_l^T, (d_a, d_g) views of momentum
+        self.dir_t: list[Tensor] = []         # D_l^T, (d_a, d_g) views of work
+        self.dir_parts: list[Tensor] = []     # views of D_l shaped like the layer's targets
+        self.targets: list[Tensor] = []
+        self.exact = True                     # every part is a view (else: the per-layer loop)
+        offset = 0
+        for i, (layer, size) in enumerate(zip(self.layers, sizes)):
+            d_g, d_a = layer.adapter.d_g, layer.adapter.d_a
+            mom = self.momentum[offset:offset + size].view(d_g, d_a)
+            mom.copy_(layer.momentum)
+            self.started[i, 0] = layer.started
+            self.dir_rejected[i] = layer.dir_rejected
+            layer.momentum = mom
+            layer.started = self.started[i, 0]
+            layer.dir_rejected = self.dir_rejected[i]
+            g_l = self.work[offset:offset + size].view(d_g, d_a)
+            dt_l = self.work[offset:offset + size].view(d_a, d_g)
+            self.grad_in.append(g_l)
+            self.mom_t.append(mom.T)
+            self.dir_t.append(dt_l)
+            targets = layer.adapter.targets()
+            g_parts = layer.adapter.split(g_l)
+            d_parts = layer.adapter.split(dt_l.T)
+            self.exact &= all(_is_view_of(t, self.work) for t in g_parts + d_parts)
+            self.exact &= _plain_homogeneous(layer.adapter)
+            self.exact &= all(t.shape == p.shape for t, p in zip(d_parts, targets))
+            self.grad_parts += g_parts
+            self.dir_parts += d_parts
+            self.targets += targets
+            offset += size
+
+    def covers(self, active: Sequence[Any]) -> bool:
+        """Whether this step's active layers are exactly the bucket's (the batched path)."""
+        return (self.exact and len(active) == len(self.layers)
+                and all(a is b for a, b in zip(active, self.layers))
+                and all(t.dtype == self.dtype for t in self.targets))
+
+    def _gather_grads(self) -> None:
+        """G_l = [grad W reshaped (d_g, -1), grad b] into the work buffer, one cat per layer."""
+        for layer, g_l in zip(self.layers, self.grad_in):
+            w = layer.adapter.weight.grad
+            if w.dim() != 2:
+                w = w.reshape(w.shape[0], -1)
+            if layer.adapter.has_bias:
+                torch.cat([w, layer.adapter.module.bias.grad.unsqueeze(1)], dim=1, out=g_l)
+            else:
+                g_l.copy_(w)
+
+    def step(self, ok: Tensor, lr: float, rho: float, coef: float, wd: float,
+             inside: bool, precondition_t: Sequence[Any]) -> None:
+        """One step of every layer of the bucket (module docstring); ``precondition_t[i]`` maps
+        Mhat_i^T to D_i^T."""
+        self._gather_grads()
+        if wd and inside:
+            torch._foreach_add_(self.grad_parts, torch._foreach_mul(self.targets, wd))
+        started_kc, first_kc, skip_kc, zero = _table(rho, coef, self.dtype, self.device)
+        kc = torch.where(ok, torch.where(self.started, started_kc, first_kc), skip_kc)
+        kc = kc.repeat_interleave(self.lengths, dim=0, output_size=self.work.shape[0])
+        self.momentum.mul_(kc[:, 0]).addcmul_(torch.where(ok, self.work, zero), kc[:, 1])
+        self.started.bitwise_or_(ok)
+        for prec, mt, dt in zip(precondition_t, self.mom_t, self.dir_t):
+            dt.copy_(prec(mt))
+        if wd and not inside:
+            torch._foreach_add_(self.dir_parts, torch._foreach_mul(self.targets, wd))
+        # all_finite per layer: the layer's sum is finite (conservative: an overflowing sum
+        # of finite entries rejects too, as the per-layer loop does)
+        sums = torch.segment_reduce(self.work, "sum", lengths=self.lengths)
+        finite = (sums - sums) == 0
+        good = finite & ok
+        self.dir_rejected.add_(ok > good)
+        bad = (~good).repeat_interleave(self.lengths, output_size=self.work.shape[0])
+        self.work.masked_fill_(bad, 0)
+        torch._foreach_add_(self.targets, self.dir_parts, alpha=-lr)
