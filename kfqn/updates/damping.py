@@ -18,7 +18,8 @@ For finite input the output is always finite.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -97,58 +98,216 @@ def _zero_unless(ok: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(ok, s, zero), torch.where(ok, y, zero)
 
 
-# -- several layers at one call (Damping.many) -------------------------------------------------
-# The loop's dot products are made per layer on operands of the same values and the same kind of
-# storage (the caller's tensors, or fresh ones), so they round alike; everything elementwise
-# runs once, on (L,) vectors of the layers' scalars or on the layers' vectors concatenated, and
-# the finiteness tests (exact: a sum of zeros, NaN where an entry is not finite) per layer by one
-# index_add. Damped vectors that feed a dot product are copied out of the concatenation first
-# (fresh tensors, as the loop's are).
-
-#: (dims, device) -> the layer of each entry of the concatenated vectors (read-only)
-_SEGS: dict = {}
-#: (mu2 values, dtype, device) -> (mu2, 1 - mu2) as (L,) tensors (read-only)
-_MU2S: dict = {}
+# -- several layers at one call: the flat kernels -----------------------------------------------
+# The layers' vectors lie end to end in the rows of one buffer (:class:`Layout`), so that every
+# elementwise step, finiteness test and selection is one op for all layers, and the per-layer
+# dot products are one segmented sum. The scalar logic runs once on (L,) vectors.
 
 
-def _seg(dims: tuple[int, ...], device: torch.device) -> Tensor:
-    key = (dims, device)
-    t = _SEGS.get(key)
+class Layout:
+    """L layers' vectors of sizes ``dims`` end to end in a row of length D: layer i at
+    [off_i, off_i + d_i), each start 64-byte aligned (as a tensor of its own: BLAS products
+    of a layer's view then round as on separate vectors); the padding stays zero.
+
+    Per-layer dot products are segmented sums (:meth:`dots`) of the products, accumulated in
+    float64 (``acc``; float32 on MPS) in index order: every layer's sum is the same whatever
+    the other layers are, so a layer damped alone rounds as it does in a group."""
+
+    def __init__(self, dims: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+        per = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+        self.dims = tuple(int(d) for d in dims)
+        self.widths = tuple(-(-d // per) * per for d in self.dims)
+        self.offs = tuple(sum(self.widths[:i]) for i in range(len(self.dims)))
+        self.n, self.D = len(self.dims), sum(self.widths)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.acc = torch.float32 if self.device.type == "mps" else torch.float64
+        with torch.inference_mode(False):
+            w = torch.tensor(self.widths, dtype=torch.long)
+            #: the layer of each entry (padding: its layer's)
+            self.seg = torch.repeat_interleave(torch.arange(self.n), w).to(self.device)
+            self._w = w.to(self.device)
+            pad = torch.zeros(max(self.widths), dtype=dtype, device=self.device)
+        self._pads = [pad[:wi - d] if wi > d else None for d, wi in zip(self.dims, self.widths)]
+        self._lengths: dict[int, Tensor] = {}
+        self._bufs: dict = {}
+
+    def rows(self, k: int, dtype: torch.dtype | None = None) -> Tensor:
+        """A new zero (k, D) buffer (not an inference tensor: it may become state)."""
+        with torch.inference_mode(False):
+            return torch.zeros(k, self.D, dtype=dtype or self.dtype, device=self.device)
+
+    def views(self, row: Tensor) -> list[Tensor]:
+        """The layers' views of a row (D,)."""
+        return [row[o:o + d] for o, d in zip(self.offs, self.dims)]
+
+    def padded(self, ts: Sequence[Tensor]) -> list[Tensor]:
+        """``ts`` (one vector per layer) with the zero padding between: a row for ``cat``."""
+        out = []
+        for t, p in zip(ts, self._pads):
+            out.append(t)
+            if p is not None:
+                out.append(p)
+        return out
+
+    def dots(self, a: Tensor, b: Tensor) -> Tensor:
+        """(k, L): per layer sum_j a_kj b_kj (a, b broadcast to (k, D)): one product into a
+        cached ``acc`` buffer (each product rounded to the data dtype, as a BLAS dot does),
+        one segmented sum in ``acc``, the sums rounded to the data dtype."""
+        k = max(a.shape[0] if a.dim() == 2 else 1, b.shape[0] if b.dim() == 2 else 1)
+        key = ("prod", k)
+        prod = self._bufs.get(key)
+        if prod is None:
+            prod = self._bufs[key] = self.rows(k, self.acc)
+        lengths = self._lengths.get(k)
+        if lengths is None:
+            with torch.inference_mode(False):
+                lengths = self._lengths[k] = self._w.expand(k, self.n).contiguous()
+        torch.mul(a, b, out=prod)
+        # rounded to the data dtype (no op if it is acc): the scalar logic overflows as the
+        # data dtype's own dot products would (a pair whose s^T s is inf there is rejected)
+        return torch.segment_reduce(prod, "sum", lengths=lengths, axis=1).to(self.dtype)
+
+    def expand(self, v: Tensor) -> Tensor:
+        """(L,) -> (D,): each layer's value over its entries."""
+        return v.index_select(0, self.seg)
+
+    def const_rows(self, key: Any, values: Sequence[float], dtype: torch.dtype) -> Tensor:
+        """A cached (L,) vector of per-layer constants (read-only)."""
+        k = ("const", key, tuple(float(v).hex() for v in values), dtype)
+        t = self._bufs.get(k)
+        if t is None:
+            with torch.inference_mode(False):
+                t = self._bufs[k] = torch.tensor(list(values), dtype=dtype, device=self.device)
+        return t
+
+
+class Work:
+    """The damping rows of a :class:`Layout` (one (7, D) buffer):
+
+    0 s, 1 y, 2 H y, 3 zero, 4 zero, 5 damped s, 6 damped y (for Powell: y)
+
+    laid out so that each group of dot products is one strided product: [s y; y Hy] =
+    rows 0:2 * rows 1:3; [out y, out 0, out out] = out * rows 1, 3, 5; [out2 0, out2 out] =
+    out2 * rows 3, 5 (the products with the zero row are the exact finiteness tests: 0 * x is
+    0 for finite x, NaN otherwise). Per-layer views of the rows are built once."""
+
+    def __init__(self, lay: Layout, buf: Tensor | None = None) -> None:
+        self.lay = lay
+        self.buf = lay.rows(7) if buf is None else buf
+        b = self.buf
+        self.s, self.y, self.hy, self.out, self.out2 = b[0], b[1], b[2], b[5], b[6]
+        self.sy_rows, self.yh_rows = b[0:2], b[1:3]     # [s; y] and [y; H y]
+        self.s_hy = b[0:3:2]                            # [s; H y]
+        self.y0o = b[1:6:2]                             # [y; 0; out]
+        self.zo = b[3:6:2]                              # [0; out]
+        self.pair = b[5:7]
+        self.head = b[0:3].view(-1)                     # rows s, y, H y end to end
+        self.all = b.view(-1)
+        self.y_views = lay.views(self.y)
+        self.out_views = lay.views(self.out)
+        self.out2_views = lay.views(self.out2)
+        self._zero_tail = [torch.zeros(3 * lay.D, dtype=lay.dtype, device=lay.device)]
+
+
+@dataclass
+class Flat:
+    """A flat damping's outcome: the damped pair in ``work.out``/``work.out2`` (not zeroed),
+    ``ok``, the activations, and per layer (``acc``) sy0 = s^T y before damping, so = the
+    damped s^T y and ss = the damped s^T s (valid where ``ok``)."""
+
+    ok: Tensor
+    active: dict
+    sy0: Tensor
+    so: Tensor
+    ss: Tensor
+    ok1: Tensor | None = None
+
+
+def _lowered(target: Tensor, rtol: float) -> Tensor:
+    """target - rtol |target|: :func:`_at_least`'s threshold."""
+    return target - rtol * target.abs()
+
+
+def _flat_powell(w: Work, mu1: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Powell on H of every layer: out = theta s + (1 - theta) H y into ``w.out`` (as
+    ``lerp(H y, s, theta)``; theta = 1 where inactive), theta = (1 - mu1) / (1 - r),
+    r = s^T y / y^T H y (0 where y^T H y <= 0: s = H y). Returns (sy, target, active, ok1,
+    out^T y (NaN where out is not finite), out^T out)."""
+    lay = w.lay
+    dt, dev = lay.dtype, lay.device
+    sy, yhy = lay.dots(w.sy_rows, w.yh_rows).unbind()
+    target = mu1 * yhy
+    active = sy <= target
+    pos = yhy > 0
+    # r is garbage where y^T H y <= 0; the where drops it (no host-side branch)
+    theta = torch.where(pos, torch.div(const(1.0 - mu1, dt, dev), 1.0 - sy / yhy),
+                        const(0.0, dt, dev))
+    theta = torch.where(active, theta, const(1.0, dt, dev))
+    torch.lerp(w.hy, w.s, lay.expand(theta), out=w.out)
+    oy, fin, oo = lay.dots(w.out, w.y0o).unbind()
+    oy = oy + fin
+    # y and H y need no test of their own: a non-finite entry makes y^T H y (so the target)
+    # non-finite, or out (lerp touches H y everywhere) non-finite
+    ok1 = (oy >= _lowered(target, postcondition_rtol(lay.dtype))) & (target > float("-inf"))
+    return sy, target, active, ok1, oy, oo
+
+
+def _flat_dd(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
+    """DD: Powell, then Powell with B = I on (out, y): theta2 = (1 - mu2) / (1 - q),
+    q = out^T y / out^T out (1 where out = 0), y2 = theta2 y + (1 - theta2) out into
+    ``w.out2`` (``lerp(out, y, theta2)``)."""
+    lay = w.lay
+    dt, dev = lay.dtype, lay.device
+    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1)
+    m2 = lay.const_rows("mu2", mu2, dt)
+    one_m2 = lay.const_rows("1-mu2", [1.0 - m for m in mu2], dt)
+    target = m2 * oo
+    active = oy <= target
+    theta = torch.where(oo > 0, one_m2 / (1.0 - oy / oo), const(1.0, dt, dev))
+    theta = torch.where(active, theta, const(1.0, dt, dev))
+    torch.lerp(w.out, w.y, lay.expand(theta), out=w.out2)
+    so = lay.dots(w.out2, w.zo).sum(0)          # out2^T out, NaN where out2 is not finite
+    # target >= 0 or NaN: |target| = target, and the threshold is NaN where target = inf
+    ok = ok1 & (so >= target - postcondition_rtol(lay.dtype) * target)
+    return Flat(ok, {"powell": act1, "second": active}, sy0, so, oo, ok1)
+
+
+def _flat_ddv2(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
+    """DDV2: Powell, then y2 = y + mu2 out into ``w.out2``."""
+    lay = w.lay
+    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1)
+    m2e = _expanded_mu2(lay, mu2)
+    torch.addcmul(w.y, m2e, w.out, out=w.out2)
+    so = lay.dots(w.out2, w.zo).sum(0)
+    target = lay.const_rows("mu2", mu2, lay.dtype) * oo
+    ok = ok1 & (so >= target - postcondition_rtol(lay.dtype) * target)
+    return Flat(ok, {"powell": act1, "second": const(True, torch.bool, lay.device)}, sy0, so, oo, ok1)
+
+
+def _expanded_mu2(lay: Layout, mu2: Sequence[float]) -> Tensor:
+    """mu2 of each layer over its entries, in the data dtype (cached)."""
+    key = ("mu2e", tuple(float(m).hex() for m in mu2))
+    t = lay._bufs.get(key)
     if t is None:
         with torch.inference_mode(False):
-            t = torch.cat([torch.full((d,), i, dtype=torch.long) for i, d in enumerate(dims)]
-                          ).to(device)
-        if len(_SEGS) > 256:
-            _SEGS.clear()
-        _SEGS[key] = t
+            t = lay._bufs[key] = lay.expand(lay.const_rows("mu2", mu2, lay.dtype)).clone()
     return t
 
 
-def _mu2s(mu2: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """mu2 and 1 - mu2 (the latter computed in Python, as the loop's ``1.0 - mu2``), in dtype."""
-    key = (tuple(float(m).hex() for m in mu2), dtype, device)
-    t = _MU2S.get(key)
-    if t is None:
-        with torch.inference_mode(False):
-            t = torch.tensor([list(mu2), [1.0 - m for m in mu2]], dtype=dtype, device=device).unbind()
-        if len(_MU2S) > 256:
-            _MU2S.clear()
-        _MU2S[key] = t
-    return t
+def _flat_powell_only(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
+    """Powell alone: the damped pair is (out, y); ``w.out2`` must hold y."""
+    sy0, _, act, ok, oy, oo = _flat_powell(w, mu1)
+    return Flat(ok, {"powell": act}, sy0, oy, oo, ok)
 
 
-def _finite_many(cat: Tensor, seg: Tensor, n: int) -> Tensor:
-    """(L,) bool: ``finite_exact`` of each layer's segment of ``cat``."""
-    return cat.new_zeros(n).index_add_(0, seg, cat * 0) == 0
-
-
-def _fresh(cat: Tensor, dims: list[int]) -> list[Tensor]:
-    return [t.clone() for t in cat.split(dims)]
+def _zero_unless_flat(w: Work, ok: Tensor) -> None:
+    """The damped pair rows set to zero where not ``ok`` (in place)."""
+    torch.where(w.lay.expand(ok), w.pair, const(0.0, w.lay.dtype, w.lay.device), out=w.pair)
 
 
 def _batchable(s, y, mu2) -> bool:
-    """Layers the batched path takes: >= 2, 1-D s and y of one dtype and device, float mu2."""
-    if len(s) < 2 or len(s) != len(y) or len(s) != len(mu2):
+    """Layers the flat path takes: >= 1, 1-D s and y of one float dtype and device, float mu2."""
+    if len(s) < 1 or len(s) != len(y) or len(s) != len(mu2):
         return False
     dt, dev = s[0].dtype, s[0].device
     return (dt in (torch.float32, torch.float64)
@@ -158,41 +317,78 @@ def _batchable(s, y, mu2) -> bool:
             and all(a.shape == b.shape for a, b in zip(s, y)))
 
 
-def _powell_many(s: list[Tensor], y: list[Tensor], hy: list[Tensor], mu1: float):
-    """:func:`_powell` of each layer: (out_cat, outs, active, ok, out^T y, seg, dims) with
-    ``outs`` the damped s as fresh tensors, ``active`` and ``ok`` (L,) bool."""
-    n = len(s)
-    dtype, device = s[0].dtype, s[0].device
-    dims = [t.shape[0] for t in s]
-    seg = _seg(tuple(dims), device)
-    yhy = torch.stack([torch.dot(yi, hi) for yi, hi in zip(y, hy)])
-    sy = torch.stack([torch.dot(si, yi) for si, yi in zip(s, y)])
-    target = mu1 * yhy
-    active = sy <= target
-    theta = (1.0 - mu1) * yhy / _safe(yhy - sy, active)
-    pos = yhy > 0
-    r = sy / _safe(yhy, pos)
-    stable = torch.where(pos, (1.0 - mu1) / (1.0 - r), const(0.0, dtype, device))
-    textbook = theta.clamp(0.0, 1.0) == theta
-    theta = torch.where(textbook, theta, stable)
-    s_cat = torch.cat(s)
-    out_cat = torch.where(active[seg], theta[seg] * s_cat + (1.0 - theta)[seg] * torch.cat(hy),
-                          s_cat)
-    outs = _fresh(out_cat, dims)
-    oy = torch.stack([torch.dot(o, yi) for o, yi in zip(outs, y)])
-    ok = _finite_many(out_cat, seg, n) & _at_least(oy, target, postcondition_rtol(dtype))
-    return out_cat, outs, active, ok, seg, dims
+class _FlatRule:
+    """The list interface (``__call__``, ``many``) of a damping with a flat kernel
+    (``_flat(work, mu2)``): the pairs are copied into the rule's cached :class:`Work` rows
+    (one ``cat``), damped for all layers at once, zeroed where not ok.
 
+    ``many`` returns views of the rule's buffers, valid until its next call with the same
+    layer sizes; ``__call__`` (one layer) returns fresh tensors. Both round alike: a layer's
+    result does not depend on the other layers."""
 
-def _results(s_out: list[Tensor], y_out: list[Tensor], ok: Tensor,
-             active: dict[str, Tensor]) -> list[DampingResult]:
-    """Per layer DampingResult(where(ok, s, 0), where(ok, y, 0), active, ok)."""
-    zero = const(0.0, s_out[0].dtype, s_out[0].device)
-    oks = ok.unbind()
-    acts = {k: (v.unbind() if v.dim() else [v] * len(oks)) for k, v in active.items()}
-    return [DampingResult(torch.where(o, si, zero), torch.where(o, yi, zero),
-                          {k: v[i] for k, v in acts.items()}, o)
-            for i, (si, yi, o) in enumerate(zip(s_out, y_out, oks))]
+    #: the kernel needs y in the damped-y row (Powell alone)
+    _y_in_out2 = False
+
+    def _work(self, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              key: str) -> Work:
+        cache = self.__dict__.setdefault("_works", {})
+        k = (key, dims, dtype, device)
+        w = cache.get(k)
+        if w is None:
+            if len(cache) > 64:
+                cache.clear()
+            w = cache[k] = Work(Layout(dims, dtype, device))
+        return w
+
+    def _run(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor], mu2: list[float],
+             key: str) -> tuple[Work, Flat]:
+        w = self._work(tuple(t.shape[0] for t in s), s[0].dtype, s[0].device, key)
+        lay = w.lay
+        if self._y_in_out2:   # rows 0..6 at once: s, y, H y, 0, 0, (out), y
+            z = w._zero_tail[0]
+            torch.cat(lay.padded(s) + lay.padded(y) + lay.padded(hy) + [z] + lay.padded(y),
+                      out=w.all)
+        else:
+            torch.cat(lay.padded(s) + lay.padded(y) + lay.padded(hy), out=w.head)
+        res = self._flat(w, mu2)
+        _zero_unless_flat(w, res.ok)
+        return w, res
+
+    def _hys(self, hy, y):
+        hys = [h(yi) for h, yi in zip(hy, y)]
+        good = all(isinstance(h, Tensor) and h.shape == yi.shape and h.dtype == yi.dtype
+                   and h.device == yi.device for h, yi in zip(hys, y))
+        return hys, good
+
+    def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
+        hys, good = self._hys([hy], [y])
+        if not good or not _batchable([s], [y], [mu2]):
+            return self._single(s, y, hys[0], mu2)
+        w, res = self._run([s], [y], hys, [mu2], "call")
+        act = {k: v.reshape(()) if v.dim() else v for k, v in res.active.items()}
+        return DampingResult(w.out_views[0].clone(), w.out2_views[0].clone(),
+                             {k: v.clone() for k, v in act.items()}, res.ok.reshape(()).clone())
+
+    def many(self, s: Sequence[Tensor], y: Sequence[Tensor], hy: Sequence[HyFn],
+             mu2: Sequence[float]) -> list[DampingResult]:
+        s, y, mu2 = list(s), list(y), list(mu2)
+        if not _batchable(s, y, mu2) or len(hy) != len(s):
+            return Damping.many(self, s, y, hy, mu2)
+        hys, good = self._hys(hy, y)
+        if not good:
+            return Damping.many(self, s, y, [lambda v, h=h: h for h in hys], mu2)
+        w, res = self._run(s, y, hys, mu2, "many")
+        oks = res.ok.unbind()
+        acts = {k: (v.unbind() if v.dim() else [v] * len(oks)) for k, v in res.active.items()}
+        return [DampingResult(si, yi, {k: v[i] for k, v in acts.items()}, o)
+                for i, (si, yi, o) in enumerate(zip(w.out_views, w.out2_views, oks))]
+
+    def flat(self, w: Work, mu2: Sequence[float]) -> Flat:
+        """Damp the pairs in rows s, y of ``w`` (H y in row hy) for all layers; the damped
+        pair is left in rows out, out2, NOT zeroed where not ok (the caller selects)."""
+        if self._y_in_out2:
+            w.out2.copy_(w.y)
+        return self._flat(w, mu2)
 
 
 def powell(s: Tensor, y: Tensor, hy: Tensor, mu1: float) -> tuple[Tensor, Tensor]:
@@ -221,32 +417,20 @@ class NoDamping(Damping):
 
 
 @register('damping')
-class PowellDamping(Damping):
+class PowellDamping(_FlatRule, Damping):
     name = "powell"
     description = "Powell damping on H (mu1 = 0.2): s^T y >= mu1 y^T H y afterwards"
     options = MU1
+    _y_in_out2 = True
 
-    def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
-        s, act, ok = _powell(s, y, hy(y), self.opts.get("mu1", 0.2))
+    def _single(self, s: Tensor, y: Tensor, hy: Tensor, mu2: float) -> DampingResult:
+        """One layer outside the flat path (other dtypes, H y not a plain vector)."""
+        s, act, ok = _powell(s, y, hy, self.opts.get("mu1", 0.2))
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act}, ok)
 
-    def many(self, s: Sequence[Tensor], y: Sequence[Tensor], hy: Sequence[HyFn],
-             mu2: Sequence[float]) -> list[DampingResult]:
-        s, y, mu2 = list(s), list(y), list(mu2)
-        if not _batchable(s, y, mu2) or len(hy) != len(s):
-            return super().many(s, y, hy, mu2)
-        hys = [h(yi) for h, yi in zip(hy, y)]
-        if not all(isinstance(h, Tensor) and h.shape == yi.shape and h.dtype == yi.dtype
-                   and h.device == yi.device for h, yi in zip(hys, y)):
-            return super().many(s, y, [lambda v, h=h: h for h in hys], mu2)
-        return self._many(s, y, hys, mu2)
-
-    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
-              mu2: list[float]) -> list[DampingResult]:
-        """:meth:`many` of >= 2 layers of one dtype and device, H y given."""
-        _, outs, act, ok, _, _ = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
-        return _results(outs, y, ok, {"powell": act})
+    def _flat(self, w: Work, mu2: Sequence[float]) -> Flat:
+        return _flat_powell_only(w, self.opts.get("mu1", 0.2), mu2)
 
     def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
         yhy = torch.dot(y, hy(y))
@@ -257,6 +441,8 @@ class PowellDamping(Damping):
 class _PowellThenSecond(PowellDamping):
     """Powell on H, then a second stage that guarantees s^T y >= mu2 s^T s."""
 
+    _y_in_out2 = False
+
     def guarantee(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> Tensor:
         return _at_least(torch.dot(s, y), mu2 * torch.dot(s, s), postcondition_rtol(s.dtype))
 
@@ -266,39 +452,20 @@ class DoubleDamping(_PowellThenSecond):
     name = "dd"
     description = "double damping [P2]: Powell on H, then Powell with B = I and mu2 = sqrt(lambda)"
 
-    def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
-        s, act1, ok1 = _powell(s, y, hy(y), self.opts.get("mu1", 0.2))
+    def _single(self, s: Tensor, y: Tensor, hy: Tensor, mu2: float) -> DampingResult:
+        s, act1, ok1 = _powell(s, y, hy, self.opts.get("mu1", 0.2))
         s, y = _zero_unless(ok1, s, y)
         y, act2, ok2 = _powell_identity(s, y, mu2)
         ok = ok1 & ok2
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act1, "second": act2}, ok)
 
-    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
-              mu2: list[float]) -> list[DampingResult]:
-        out_cat, outs, act1, ok1, seg, dims = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
-        dtype, device = out_cat.dtype, out_cat.device
-        zero = const(0.0, dtype, device)
-        # the second stage on s1 = where(ok1, s, 0), y1 = where(ok1, y, 0): s1 is outs where
-        # ok1; where not, s1 = y1 = 0 give s1^T s1 = s1^T y1 = +0 and the pair is zeroed anyway
-        y1 = [torch.where(o, yi, zero) for o, yi in zip(ok1.unbind(), y)]
-        ss = torch.where(ok1, torch.stack([torch.dot(o, o) for o in outs]), zero)
-        sy = torch.where(ok1, torch.stack([torch.dot(o, yi) for o, yi in zip(outs, y1)]), zero)
-        m2, one_m2 = _mu2s(tuple(mu2), dtype, device)
-        target = m2 * ss
-        active = sy <= target
-        theta = one_m2 * ss / _safe(ss - sy, active)
-        pos = ss > 0
-        q = sy / _safe(ss, pos)
-        stable = torch.reciprocal(1.0 - q) * one_m2          # (1.0 - mu2) / (1.0 - q), as torch does
-        stable = torch.where(pos, stable, const(1.0, dtype, device))
-        theta = torch.where(finite_scalar(theta), theta, stable)
-        y_cat = torch.cat(y)
-        out2_cat = torch.where(active[seg], theta[seg] * y_cat + (1.0 - theta)[seg] * out_cat, y_cat)
-        outs2 = _fresh(out2_cat, dims)
-        so = torch.stack([torch.dot(o, o2) for o, o2 in zip(outs, outs2)])
-        ok2 = _finite_many(out2_cat, seg, len(outs)) & _at_least(so, target, postcondition_rtol(dtype))
-        return _results(outs, outs2, ok1 & ok2, {"powell": act1, "second": active})
+    def _flat(self, w: Work, mu2: Sequence[float]) -> Flat:
+        res = _flat_dd(w, self.opts.get("mu1", 0.2), mu2)
+        # the second stage of a pair Powell could not damp ran on (0, 0) before: active
+        res.active["second"] = torch.where(res.ok1, res.active["second"],
+                                           const(True, torch.bool, w.lay.device))
+        return res
 
 
 @register('damping')
@@ -306,8 +473,8 @@ class DDV2Damping(_PowellThenSecond):
     name = "ddv2"
     description = "DDV2 [P1] (R): Powell on H, then Levenberg-Marquardt y <- y + mu2 s"
 
-    def __call__(self, s: Tensor, y: Tensor, hy: HyFn, mu2: float) -> DampingResult:
-        s, act1, ok1 = _powell(s, y, hy(y), self.opts.get("mu1", 0.2))
+    def _single(self, s: Tensor, y: Tensor, hy: Tensor, mu2: float) -> DampingResult:
+        s, act1, ok1 = _powell(s, y, hy, self.opts.get("mu1", 0.2))
         s, y = _zero_unless(ok1, s, y)
         y = y + mu2 * s
         ok2 = finite_exact(y) & _at_least(torch.dot(s, y), mu2 * torch.dot(s, s),
@@ -316,17 +483,5 @@ class DDV2Damping(_PowellThenSecond):
         s, y = _zero_unless(ok, s, y)
         return DampingResult(s, y, {"powell": act1, "second": const(True, torch.bool, act1.device)}, ok)
 
-    def _many(self, s: list[Tensor], y: list[Tensor], hy: list[Tensor],
-              mu2: list[float]) -> list[DampingResult]:
-        out_cat, outs, act1, ok1, seg, dims = _powell_many(s, y, hy, self.opts.get("mu1", 0.2))
-        dtype, device = out_cat.dtype, out_cat.device
-        m2, _ = _mu2s(tuple(mu2), dtype, device)
-        # y1 + mu2 s1 with s1, y1 the Powell pair zeroed where not ok1: equal to y + mu2 s
-        # where ok1, and the pair is zeroed where not
-        y2_cat = torch.cat(y) + m2[seg] * out_cat
-        outs2 = _fresh(y2_cat, dims)
-        so = torch.stack([torch.dot(o, o2) for o, o2 in zip(outs, outs2)])
-        ss = torch.stack([torch.dot(o, o) for o in outs])
-        ok2 = _finite_many(y2_cat, seg, len(outs)) & _at_least(so, m2 * ss, postcondition_rtol(dtype))
-        return _results(outs, outs2, ok1 & ok2,
-                        {"powell": act1, "second": const(True, torch.bool, act1.device)})
+    def _flat(self, w: Work, mu2: Sequence[float]) -> Flat:
+        return _flat_ddv2(w, self.opts.get("mu1", 0.2), mu2)
