@@ -21,7 +21,44 @@ from kfqn.core.components import Option, register
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import (AEstimator, BatchMean, FirstBatchStart, LayerContext, StepInfo,
                                  WarmStartSum, input_means)
+from kfqn.layers.base import GramPlan, LayerAdapter, cached_const
 from kfqn.layers.capture import Capture
+
+
+def _const(x: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-dim device constant."""
+    return cached_const(("scalar", x, dtype, device),
+                        lambda: torch.tensor(x, dtype=dtype, device=device))
+
+
+def _lengths(sizes: list[int], device: torch.device) -> Tensor:
+    """The cached lengths tensor of a segmented sum over vectors of these sizes."""
+    return cached_const(("lengths", tuple(sizes), device),
+                        lambda: torch.tensor(sizes, dtype=torch.long, device=device))
+
+
+def count_rejected(ests: list, ok: Tensor, accepted: list) -> None:
+    """``a_rejected`` += ok & ~accepted for each estimator, on one (L,) vector: the counters are
+    kept as that vector's entries (``unbind``), so the next step of the same group reads them
+    back without a stack."""
+    old = getattr(ests[0], "_rejected_group", None)
+    if (old is None or len(old[1]) != len(ests)
+            or not all(e._stats.get("a_rejected") is r for e, r in zip(ests, old[1]))):
+        zero = _const_long(ok.device)
+        prev = torch.stack([torch.as_tensor(e._stats.get("a_rejected", zero), device=ok.device)
+                            for e in ests])
+    else:
+        prev = old[0]
+    new = prev + (ok > torch.stack(accepted))   # on bools, ok > acc is ok & ~acc
+    parts = new.unbind()
+    for e, r in zip(ests, parts):
+        e._stats["a_rejected"] = r
+        e._rejected_group = (new, parts)
+
+
+def _const_long(device: torch.device) -> Tensor:
+    return cached_const(("zero_long", device),
+                        lambda: torch.zeros((), dtype=torch.long, device=device))
 
 
 @register('a_estimator')
@@ -95,11 +132,91 @@ class EMAHessianActionA(AEstimator):
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m.T).T
 
+    def apply_t(self, mt: Tensor) -> Tensor:
+        """H_a mt = ``apply(mt.T).T`` (the same product, without the four transposes)."""
+        return self.factor.apply(mt)
+
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         type(self).after_step_group([self], [cap], [info])
 
+    # -- after the move, several layers at one call -----------------------------------------
+    def _batch_key(self, cap: Capture, info: StepInfo) -> tuple | None:
+        """The key of the layers that :meth:`_after_step_batched` takes together (same options
+        and one ``ok`` flag), or None where the layer needs the per-layer path: an adapter
+        without cheap rows (convolutions), a reducing (data-parallel) adapter, no A yet, or an
+        input of another dtype than A."""
+        ad = self.ctx.adapter
+        if (not isinstance(ad, LayerAdapter) or not ad.cheap_rows or self.a is None
+                or cap.inp.dtype != self.a.dtype or self.ctx.dtype != self.a.dtype):
+            return None
+        o = self.opts
+        return (o["beta"], o["norm_gate"], o["norm_gate_eps"], self.a.dtype, self.a.device,
+                id(info.ok))
+
     @classmethod
     def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
+        """The EMA of A and the pairs (s_a, y_a): layers with cheap input rows (Linear) by
+        :meth:`_after_step_batched`, a few ops per layer and the scalar work once per group;
+        the others layer by layer (:meth:`_after_step_loop`)."""
+        groups: dict = {}
+        for i, (e, cap, info) in enumerate(zip(ests, caps, infos)):
+            groups.setdefault(e._batch_key(cap, info), []).append(i)
+        if len({id(e) for e in ests}) < len(ests):   # a layer listed twice: in turn
+            groups = {None: list(range(len(ests)))}
+        for key, idx in groups.items():
+            run = cls._after_step_loop if key is None else cls._after_step_batched
+            run([ests[i] for i in idx], [caps[i] for i in idx], [infos[i] for i in idx])
+
+    @classmethod
+    def _after_step_batched(cls, ests: list, caps: list, infos: list) -> None:
+        """For L layers of one key (:meth:`_batch_key`), per layer: abar = [a, 1] (one cat),
+        v = mean abar, A <- keep A + (1 - beta)/m abar_m^T abar_m (abar_m: abar where the EMA
+        runs, else 0; keep = beta there, else 1), s_a = H_a v, y_a = A s_a + lambda_A s_a.
+        Once for the L layers (on (L,) vectors): the EMA flags and ``keep`` (one ``_foreach_mul_``
+        scales every A), the counters, the norm gate s^T y > eps ||s||^2 ||v|| from one
+        segmented sum of the joined products, the statistics."""
+        first, ok = ests[0], infos[0].ok
+        dt, dev = first.a.dtype, first.a.device
+        beta = first.opts["beta"]
+        zero, one, beta_t = (_const(x, dt, dev) for x in (0.0, 1.0, beta))
+        # iteration 0 uses the warm-start (or first-batch) A as it is
+        mask = (torch.stack([e.ema_updates for e in ests]) > 0) & ok
+        torch._foreach_mul_([e.a for e in ests], torch.where(mask, beta_t, one).unbind())
+        torch._foreach_add_([e.ema_updates for e in ests], ok)   # long += bool: + 1 where ok
+        ss, ys, vs = [], [], []
+        for e, cap, info, ema in zip(ests, caps, infos, mask.unbind()):
+            abar = e.ctx.adapter.homogeneous_rows(cap.inp)
+            v = abar.mean(0)
+            e._gram_plan().add_(torch.where(ema, abar, zero), (1.0 - beta) / cap.inp.shape[0])
+            s = e.factor.apply(v)
+            ys.append(torch.addmv(s, e.a, s, beta=info.lam_a))   # A_LM s = A s + lambda_A s
+            ss.append(s)
+            vs.append(v)
+        damped = first.damping.many(ss, ys, [e.factor.apply for e in ests],
+                                    [i.lam_a for i in infos])
+        ds, dy = [d.s for d in damped], [d.y for d in damped]
+        # s^T y, s^T s, v^T v of every layer: one segmented sum over the joined products
+        sums = torch.segment_reduce(torch.cat(ds + ds + vs) * torch.cat(dy + ds + vs), "sum",
+                                    lengths=_lengths([x.shape[0] for x in ds + ds + vs], dev))
+        sy, sn, vv = sums.split(len(ests))
+        if first.opts["norm_gate"]:
+            allow = list((ok & (sy > first.opts["norm_gate_eps"] * sn * vv.sqrt())).unbind())
+        else:
+            allow = [ok] * len(ests)
+        accepted = type(first.factor).update_many([e.factor for e in ests], ds, dy, allow)
+        for e, sy_i in zip(ests, sy.unbind()):
+            e._stats["a_sy"] = sy_i
+        count_rejected(ests, ok, accepted)
+
+    def _gram_plan(self) -> GramPlan:
+        """The cached views of A for the EMA's Gram product (rebuilt when A was replaced)."""
+        plan = getattr(self, "_plan", None)
+        if plan is None or not plan.valid_for(self.a):
+            plan = self._plan = GramPlan(self.a)
+        return plan
+
+    @classmethod
+    def _after_step_loop(cls, ests: list, caps: list, infos: list) -> None:
         """The EMA of A and the pair (s_a, y_a) layer by layer; the damping and the update of
         every layer at one call (the rules batch their scalar work across the layers)."""
         ss, ys, vs = [], [], []

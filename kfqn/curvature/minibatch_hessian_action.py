@@ -17,6 +17,8 @@ from kfqn.core.errors import ConfigError
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import (AEstimator, BatchMean, FirstBatchStart, LayerContext, StepInfo,
                                  input_means)
+from kfqn.curvature.ema_hessian_action import _lengths, count_rejected
+from kfqn.layers.base import LayerAdapter
 from kfqn.layers.capture import Capture
 
 
@@ -89,6 +91,10 @@ class MinibatchHessianActionA(AEstimator):
     def apply(self, m: Tensor) -> Tensor:
         return self.factor.apply(m.T).T
 
+    def apply_t(self, mt: Tensor) -> Tensor:
+        """H_a mt = ``apply(mt.T).T`` (the same product, without the four transposes)."""
+        return self.factor.apply(mt)
+
     def _local_action(self, adapter: Any, cap: Capture) -> Tensor:
         """This rank's (1/m) sum abar abar^T s_a at the s_a that :meth:`after_step` forms."""
         s = self.factor.apply(self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype))
@@ -97,13 +103,30 @@ class MinibatchHessianActionA(AEstimator):
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         type(self).after_step_group([self], [cap], [info])
 
+    def _rows_fast(self, cap: Capture) -> bool:
+        """Whether the pair can be formed from abar = [a, 1] directly (:meth:`after_step_group`):
+        an adapter with cheap rows (Linear; not a reducing, data-parallel one) and an input of
+        the factor dtype."""
+        ad = self.ctx.adapter
+        return (isinstance(ad, LayerAdapter) and ad.cheap_rows
+                and cap.inp.dtype == self.ctx.dtype)
+
     @classmethod
     def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
         """The pair (s_a, y_a) layer by layer; the damping and the update of every layer at
-        one call (the rules batch their scalar work across the layers)."""
+        one call (the rules batch their scalar work across the layers), the statistics on
+        (L,) vectors. For cheap rows (Linear) five ops per layer: abar = [a, 1], v = mean abar,
+        z = abar s_a, y_a = (1/m) abar^T z + lambda_A s_a (one ``addmv``)."""
         ss, ys = [], []
         for e, cap, info in zip(ests, caps, infos):
             adapter, dt = e.ctx.adapter, e.ctx.dtype
+            if e._rows_fast(cap):
+                abar = adapter.homogeneous_rows(cap.inp)
+                s = e.factor.apply(abar.mean(0))
+                ys.append(torch.addmv(s, abar.T, abar @ s, beta=info.lam_a,
+                                      alpha=1.0 / cap.inp.shape[0]))
+                ss.append(s)
+                continue
             v = adapter.input_mean(cap.inp).to(dt)
             s = e.factor.apply(v)
             ys.append(adapter.hessian_action(cap.inp, s.to(cap.inp.dtype)).to(dt)
@@ -115,10 +138,21 @@ class MinibatchHessianActionA(AEstimator):
         accepted = type(first.factor).update_many([e.factor for e in ests],
                                                   [d.s for d in damped], [d.y for d in damped],
                                                   [i.ok for i in infos])
-        for e, d, acc, info in zip(ests, damped, accepted, infos):
-            e._stats["a_sy"] = torch.dot(d.s, d.y)
+        for e, d in zip(ests, damped):
             for k, act in d.active.items():
                 e._stats[f"a_{k}"] = act
+        oks = [i.ok for i in infos]
+        if all(o is oks[0] for o in oks):
+            # s^T y of every layer from one segmented sum; the counters on one (L,) vector
+            ds, dy = [d.s for d in damped], [d.y for d in damped]
+            sy = torch.segment_reduce(torch.cat(ds) * torch.cat(dy), "sum",
+                                      lengths=_lengths([x.shape[0] for x in ds], oks[0].device))
+            for e, sy_i in zip(ests, sy.unbind()):
+                e._stats["a_sy"] = sy_i
+            count_rejected(ests, oks[0], accepted)
+            return
+        for e, d, acc, info in zip(ests, damped, accepted, infos):
+            e._stats["a_sy"] = torch.dot(d.s, d.y)
             e._stats["a_rejected"] = e._stats.get("a_rejected", 0) + (info.ok & ~acc).long()
 
     def factors(self) -> dict[str, Tensor]:

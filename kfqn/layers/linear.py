@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kfqn.layers.base import LayerAdapter, add_gram_
+from kfqn.layers.base import LayerAdapter, add_gram_, cached_const, ones_column
 from kfqn.core.components import register
 
 
@@ -25,8 +25,18 @@ class LinearAdapter(LayerAdapter):
         return [(nn.Linear(5, 4), (6, 5)), (nn.Linear(3, 2, bias=False), (4, 3)),
                 (nn.Linear(4, 3), (3, 2, 4))]
 
+    cheap_rows = True
+
     def _rows(self, inp: Tensor) -> Tensor:
-        return inp.reshape(-1, inp.shape[-1])
+        # a 2-D input is its own rows: no reshape (a reshape dispatches a view op)
+        return inp if inp.dim() == 2 else inp.reshape(-1, inp.shape[-1])
+
+    def homogeneous_rows(self, inp: Tensor) -> Tensor:
+        """abar = [a, 1] as (m |T|, d_a): one concatenation with a cached column of ones."""
+        a = self._rows(inp)
+        if not self.has_bias:
+            return a
+        return torch.cat([a, ones_column(a.shape[0], a.dtype, a.device)], dim=1)
 
     def positions(self, inp: Tensor) -> int:
         return math.prod(inp.shape[1:-1])   # from the shape: no op dispatched
@@ -41,7 +51,9 @@ class LinearAdapter(LayerAdapter):
     def input_mean(self, inp: Tensor) -> Tensor:
         mean = self._rows(inp).mean(0)
         if self.has_bias:
-            mean = torch.cat([mean, mean.new_ones(1)])
+            one = cached_const(("one", mean.dtype, mean.device),
+                               lambda: torch.ones(1, dtype=mean.dtype, device=mean.device))
+            mean = torch.cat([mean, one])
         return mean
 
     def add_covariance_(self, out: Tensor, inp: Tensor, alpha: float, chunk: int = 0,
@@ -69,10 +81,10 @@ class LinearAdapter(LayerAdapter):
         return a.T @ (a @ s) / m
 
     def output_mean(self, out: Tensor) -> Tensor:
-        return out.reshape(-1, out.shape[-1]).mean(0)
+        return self._rows(out).mean(0)
 
     def grad_output_mean(self, grad_out: Tensor) -> Tensor:
-        return grad_out.reshape(-1, grad_out.shape[-1]).mean(0) * grad_out.shape[0]
+        return self._rows(grad_out).mean(0) * grad_out.shape[0]
 
     def per_sample_grad_outputs(self, grad_out: Tensor) -> Tensor:
         m = grad_out.shape[0]
