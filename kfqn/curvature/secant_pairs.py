@@ -11,6 +11,13 @@ sbar_0 = ybar_0 = 0, so sbar_1 = (1 - beta) s_1, sbar_2 = beta (1 - beta) s_1 + 
 ``first`` starts them at the first pair (sbar_1 = s_1). Damping (DD / DDV2 / Powell / none)
 uses the current H_g; then the update rule (BFGS / L-BFGS) updates H_g (H_g0 = I). The P2 norm gate skips the
 update when s^T y <= eps ||s||^2 ||gbar(theta)||.
+
+Several layers at one call (the ``*_group`` hooks): the layers of a family keep their state in
+flat buffers of a :class:`_Group` (the layers' vectors end to end, :class:`~kfqn.updates.damping.Layout`),
+each estimator's ``s_avg``, ``y_avg``, ``prev_h``, ``prev_g``, ``pairs``, ``has_prev`` and
+``rejected`` being views of them (built at the first group call, then at fixed addresses). The
+pair formation, the averages, the finiteness tests, the damping (``Damping.flat``) and the norm
+gate are then one op each for all layers; only H y and the factor update are per layer.
 """
 from __future__ import annotations
 
@@ -20,10 +27,11 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option, register
-from kfqn.core.finite import finite_exact
+from kfqn.core.finite import const, finite_exact
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
 from kfqn.layers.capture import Capture
+from kfqn.updates.damping import Flat, Layout, Work
 
 
 @register('g_estimator')
@@ -58,6 +66,10 @@ class SecantPairsG(GEstimator):
         self.pairs = torch.zeros((), dtype=torch.long, device=dev)
         self.has_prev = torch.zeros((), dtype=torch.bool, device=dev)
         self.rejected = torch.zeros((), dtype=torch.long, device=dev)
+        #: the :class:`_Group` whose buffers hold this layer's state (None: its own)
+        self._group: _Group | None = None
+        #: (the last flat step's :class:`_Outcome`, this layer's index) for :meth:`stats`
+        self._last: tuple | None = None
 
     def _set_buffers(self, avg: Tensor, prev: Tensor) -> None:
         """The pair averages [s_avg; y_avg] and the previous means [prev_h; prev_g] as (2, d)
@@ -103,6 +115,7 @@ class SecantPairsG(GEstimator):
                                                   gates)
         for e, d, sy, acc, allow in zip(ests, damped, sys, accepted, allows):
             e.rejected.add_(allow > acc)                  # allow and not accepted
+            e._last = None
             st = e._stats
             st["sy_raw"] = torch.dot(e.s_avg, e.y_avg)
             st["sy"] = sy
@@ -117,6 +130,10 @@ class SecantPairsG(GEstimator):
     @classmethod
     def prepare_group(cls, ests: list, caps: list, infos: list) -> None:
         if ests[0].opts["source"] != "next_iterate":
+            return
+        grp = _Group.of(ests, caps)
+        if grp is not None:
+            grp.prepare(caps, infos)
             return
         pairs, refs, allows = [], [], []
         for e, cap, info in zip(ests, caps, infos):
@@ -137,6 +154,10 @@ class SecantPairsG(GEstimator):
 
     @classmethod
     def after_trial_group(cls, ests: list, caps: list, trials: list, infos: list) -> None:
+        grp = _Group.of(ests, caps, trials)
+        if grp is not None:
+            grp.after_trial(caps, trials, infos)
+            return
         pairs, refs, allows = [], [], []
         for e, cap, trial, info in zip(ests, caps, trials, infos):
             g = e._cast(cap.g_mean)
@@ -150,11 +171,27 @@ class SecantPairsG(GEstimator):
         cls._absorb_many(ests, pairs, refs, allows, [i.mu2 for i in infos])
 
     def after_step(self, cap: Capture, info: StepInfo) -> None:
-        if self.opts["source"] != "next_iterate":
+        type(self).after_step_group([self], [cap], [info])
+
+    @classmethod
+    def after_step_group(cls, ests: list, caps: list, infos: list) -> None:
+        if ests[0].opts["source"] != "next_iterate":
             return
-        cur = torch.stack([self._cast(cap.h_mean), self._cast(cap.g_mean)])
-        torch.where(info.ok, cur, self._prev, out=self._prev)
-        self.has_prev |= info.ok  # a skipped step keeps the pair it would close
+        grp = _Group.of(ests, caps)
+        if grp is not None:
+            grp.after_step(caps, infos)
+            return
+        for e, cap, info in zip(ests, caps, infos):
+            cur = torch.stack([e._cast(cap.h_mean), e._cast(cap.g_mean)])
+            torch.where(info.ok, cur, e._prev, out=e._prev)
+            e.has_prev |= info.ok  # a skipped step keeps the pair it would close
+
+    def stats(self) -> dict[str, Tensor]:
+        out = dict(self._stats)
+        last = self._last
+        if last is not None:   # the last flat step's figures, formed now (not in the step)
+            out.update(last[0].stats(last[1]))
+        return out
 
     def factors(self) -> dict[str, Tensor]:
         return {"H_g": self.factor.dense()}
@@ -167,6 +204,11 @@ class SecantPairsG(GEstimator):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.factor.load_state_dict(state["factor"])
         dev, dt = self.ctx.device, self.ctx.dtype
+        self._last = None
+        if state["s_avg"].shape == self.s_avg.shape:   # into the buffers: same addresses
+            for key in ("s_avg", "y_avg", "prev_h", "prev_g", "pairs", "has_prev", "rejected"):
+                getattr(self, key).copy_(state[key])
+            return
         bufs = []
         for a, b in (("s_avg", "y_avg"), ("prev_h", "prev_g")):
             buf = _rows2(state[a].shape[0], dt, dev)
@@ -176,6 +218,7 @@ class SecantPairsG(GEstimator):
         self._set_buffers(*bufs)
         for key in ("pairs", "has_prev", "rejected"):
             setattr(self, key, state[key].to(dev).clone())
+        self._group = None   # no longer views of a group's buffers
 
 
 def _rows2(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -185,3 +228,184 @@ def _rows2(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     per = max(1, 64 // torch.empty((), dtype=dtype).element_size())
     pad = -(-d // per) * per
     return torch.zeros(2, pad, dtype=dtype, device=device)[:, :d]
+
+
+class _Outcome:
+    """One flat step's per-layer figures as (L,) vectors; a layer's stats entries are formed
+    from them when asked (:meth:`SecantPairsG.stats`), not in the step."""
+
+    def __init__(self, res: Flat, accepted: list[Tensor], undamped: bool) -> None:
+        self.res, self.accepted, self.undamped = res, accepted, undamped
+
+    def stats(self, i: int) -> dict[str, Tensor]:
+        res = self.res
+        # the damped pair is zero where not ok: s^T y = 0 there
+        sy = res.so if self.undamped else torch.where(res.ok, res.so, torch.zeros_like(res.so))
+        out = {"sy_raw": res.sy0[i], "sy": sy[i]}
+        for k, act in res.active.items():
+            out[f"damping_{k}"] = act[i] if act.dim() else act
+        out["g_accepted"] = self.accepted[i]
+        return out
+
+
+class _Group:
+    """The flat state of a family's :class:`SecantPairsG` estimators (same options, dtype and
+    device): the layers' vectors end to end (:class:`~kfqn.updates.damping.Layout`) in
+
+    * ``work`` (:class:`~kfqn.updates.damping.Work`): rows s, y are the pair averages
+      [sbar; ybar] (state), the other rows the damping's;
+    * ``prev`` (2, D): [prev_h; prev_g] (state, ``next_iterate``);
+    * ``counts`` (2, L) long: pairs, rejected; ``has_prev`` (L,) bool (state);
+    * ``means`` (7, D): the capture means of a step, rows [h; g; h+; g+; g; 0; 0] (work): the
+      products rows 1:4 * rows 4:7 are [g g; h+ 0; g+ 0], i.e. ||g||^2 and the exact
+      finiteness tests of the trial means in one segmented sum.
+
+    The estimators' state tensors become views of these buffers when the group is built (the
+    first group call); after that every step updates them in place."""
+
+    def __init__(self, ests: list) -> None:
+        e0 = ests[0]
+        lay = self.lay = Layout([e.s_avg.shape[0] for e in ests], e0.ctx.dtype, e0.ctx.device)
+        self.members = list(ests)
+        self.opts = e0.opts
+        self.damping = e0.damping
+        self.work = Work(lay)
+        self.prev = lay.rows(2)
+        dev, n = lay.device, lay.n
+        with torch.inference_mode(False):
+            self.counts = torch.zeros(2, n, dtype=torch.long, device=dev)
+            self.has_prev = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.means = lay.rows(7)
+        m = self.means
+        self._cur, self._trial = m[0:2], m[2:4]
+        self._cur_flat, self._head5 = m[0:2].view(-1), m[0:5].view(-1)
+        self._gg_fin = (m[1:4], m[4:7])
+        self._fin = (m[2:4], m[5:7])
+        self._avg = self.work.buf[0:2]
+        self._pairs, self._rejected = self.counts[0], self.counts[1]
+        self._prev_g = self.prev[1:2]   # (1, D): dots need a row dimension
+        w = self.work
+        for i, (e, o, d) in enumerate(zip(ests, lay.offs, lay.dims)):
+            avg, prev = w.buf[0:2, o:o + d], self.prev[:, o:o + d]
+            avg.copy_(e._avg)
+            prev.copy_(e._prev)
+            self.counts[0, i].copy_(e.pairs)
+            self.counts[1, i].copy_(e.rejected)
+            self.has_prev[i].copy_(e.has_prev)
+            e._set_buffers(avg, prev)
+            e.pairs, e.rejected, e.has_prev = self.counts[0, i], self.counts[1, i], self.has_prev[i]
+            e._group = self
+        self.factors = [e.factor for e in ests]
+        self.undamped = not hasattr(self.damping, "flat")
+        self.s_views = lay.views(w.s) if self.undamped else w.out_views
+        self.y_views = lay.views(w.y) if self.undamped else w.out2_views
+
+    @staticmethod
+    def of(ests: list, *caps_lists: list) -> "_Group | None":
+        """The group of ``ests`` (built at the first call); None where the flat path does not
+        apply (mixed options, dtypes or devices, a damping without ``flat`` other than none,
+        capture means that would narrow, layers grouped otherwise before)."""
+        grp = ests[0]._group
+        if grp is not None:
+            ok = len(grp.members) == len(ests) and all(
+                a is b and b._group is grp for a, b in zip(grp.members, ests))
+            return grp if ok and _means_fit(grp.lay.dtype, caps_lists) else None
+        e0 = ests[0]
+        dt, dev = e0.ctx.dtype, e0.ctx.device
+        if (dt not in (torch.float32, torch.float64)
+                or any(e._group is not None or e.opts != e0.opts or e.ctx.dtype != dt
+                       or e.ctx.device != dev or type(e.damping) is not type(e0.damping)
+                       or e.s_avg.dim() != 1 for e in ests)
+                or not (hasattr(e0.damping, "flat") or e0.damping.name == "none")
+                or not _means_fit(dt, caps_lists)):
+            return None
+        return _Group(ests)
+
+    # -- the sources ------------------------------------------------------------------------
+    def after_trial(self, caps: list, trials: list, infos: list) -> None:
+        """extra_pass: [s; y] = [h; g] - [h+; g+], allowed where ok and the trial means are
+        finite; the norm gate's reference is the current g."""
+        lay, gate = self.lay, self.opts["norm_gate"]
+        cast = self._cast
+        rows = [cast(c.h_mean) for c in caps], [cast(c.g_mean) for c in caps]
+        parts = (lay.padded(rows[0]) + lay.padded(rows[1])
+                 + lay.padded([cast(t.h_mean) for t in trials])
+                 + lay.padded([cast(t.g_mean) for t in trials]))
+        if gate:
+            torch.cat(parts + lay.padded(rows[1]), out=self._head5)
+            gg, f1, f2 = lay.dots(*self._gg_fin, cast=False).unbind()
+            fin, norm = (f1 + f2) == 0, gg.sqrt()
+        else:
+            torch.cat(parts, out=self._head5[:4 * lay.D])
+            fin, norm = lay.dots(*self._fin, cast=False).sum(0) == 0, None
+        self._absorb(torch.sub(self._cur, self._trial), infos[0].ok & fin, norm, infos)
+
+    def prepare(self, caps: list, infos: list) -> None:
+        """next_iterate: [s; y] = [prev_h; prev_g] - [h; g], allowed where a pair is open and
+        ok; the norm gate's reference is prev_g."""
+        lay = self.lay
+        self._cat_cur(caps)
+        norm = None
+        if self.opts["norm_gate"]:
+            norm = lay.dots(self._prev_g, self._prev_g, cast=False)[0].sqrt()
+        self._absorb(torch.sub(self.prev, self._cur), self.has_prev & infos[0].ok, norm, infos)
+
+    def after_step(self, caps: list, infos: list) -> None:
+        """next_iterate: the current means open the next pair (where ok)."""
+        self._cat_cur(caps)
+        ok = infos[0].ok
+        torch.where(ok, self._cur, self.prev, out=self.prev)
+        self.has_prev.logical_or_(ok)   # a skipped step keeps the pair it would close
+
+    def _cat_cur(self, caps: list) -> None:
+        lay, cast = self.lay, self._cast
+        torch.cat(lay.padded([cast(c.h_mean) for c in caps])
+                  + lay.padded([cast(c.g_mean) for c in caps]), out=self._cur_flat)
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.lay.dtype)
+
+    # -- averages, damping, gate, update ------------------------------------------------------
+    def _absorb(self, pair: Tensor, allow: Tensor, norm: Tensor | None, infos: list) -> None:
+        """sbar, ybar <- beta [sbar; ybar] + (1 - beta) [s; y] where ``allow`` ((L,) bool),
+        then damping, norm gate and the factor updates of every layer."""
+        lay, w, opts = self.lay, self.work, self.opts
+        beta = opts["ema"]
+        # beta avg + (1 - beta) pair, the second product fused into the sum (one rounding)
+        new = torch.add(beta * self._avg, pair, alpha=1.0 - beta)
+        if opts["ema_init"] == "first":
+            new = torch.where(lay.expand(self._pairs == 0), pair, new)
+        torch.where(lay.expand(allow), new, self._avg, out=self._avg)   # in place
+        self._pairs.add_(allow)
+        if self.undamped:
+            ss, so = lay.dots(w.s, w.sy_rows).unbind()
+            res = Flat(None, {}, so, so, ss)
+            gate = allow
+        else:
+            hy = [f.apply(v) for f, v in zip(self.factors, w.y_views)]
+            torch.cat(lay.padded(hy), out=w.hy)
+            res = self.damping.flat(w, [i.mu2 for i in infos])
+            # the damped pair is not zeroed where not ok: the gate keeps it out of the update
+            gate = allow & res.ok
+        if norm is not None:   # P2: s^T y > eps ||s||^2 ||g_ref||
+            gate = gate & (res.so > opts["norm_gate_eps"] * res.ss * norm)
+        accepted = type(self.factors[0]).update_many(self.factors, self.s_views, self.y_views,
+                                                     list(gate.unbind()))
+        self._rejected.add_(allow > torch.stack(accepted))    # allow and not accepted
+        out = _Outcome(res, accepted, self.undamped)
+        for i, e in enumerate(self.members):
+            e._last = (out, i)
+
+
+def _means_fit(dtype: torch.dtype, caps_lists: tuple) -> bool:
+    """The capture means are ``dtype`` or widen to it exactly (a narrowing cast could
+    overflow before the finiteness test)."""
+    for caps in caps_lists:
+        for c in caps:
+            for t in (c.h_mean, c.g_mean):
+                # (not torch.promote_types: that dispatches an op)
+                if t is None or t.dim() != 1 or not (
+                        t.dtype == dtype or (t.dtype.is_floating_point
+                                             and t.dtype.itemsize < dtype.itemsize)):
+                    return False
+    return True

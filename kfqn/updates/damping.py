@@ -149,10 +149,11 @@ class Layout:
                 out.append(p)
         return out
 
-    def dots(self, a: Tensor, b: Tensor) -> Tensor:
+    def dots(self, a: Tensor, b: Tensor, cast: bool = True) -> Tensor:
         """(k, L): per layer sum_j a_kj b_kj (a, b broadcast to (k, D)): one product into a
         cached ``acc`` buffer (each product rounded to the data dtype, as a BLAS dot does),
-        one segmented sum in ``acc``, the sums rounded to the data dtype."""
+        one segmented sum in ``acc``, the sums rounded to the data dtype (``cast``) or not."""
+        assert a.dim() == 2 or b.dim() == 2, "dots: one operand must be (k, D)"
         k = max(a.shape[0] if a.dim() == 2 else 1, b.shape[0] if b.dim() == 2 else 1)
         key = ("prod", k)
         prod = self._bufs.get(key)
@@ -165,7 +166,8 @@ class Layout:
         torch.mul(a, b, out=prod)
         # rounded to the data dtype (no op if it is acc): the scalar logic overflows as the
         # data dtype's own dot products would (a pair whose s^T s is inf there is rejected)
-        return torch.segment_reduce(prod, "sum", lengths=lengths, axis=1).to(self.dtype)
+        out = torch.segment_reduce(prod, "sum", lengths=lengths, axis=1)
+        return out.to(self.dtype) if cast else out
 
     def expand(self, v: Tensor) -> Tensor:
         """(L,) -> (D,): each layer's value over its entries."""
