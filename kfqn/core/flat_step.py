@@ -114,8 +114,9 @@ class FlatBucket:
                 and all(a is b for a, b in zip(active, self.layers))
                 and all(t.dtype == self.dtype for t in self.targets))
 
-    def _gather_grads(self) -> None:
-        """G_l = [grad W reshaped (d_g, -1), grad b] into the work buffer, one cat per layer."""
+    def gather_grads(self) -> None:
+        """G_l = [grad W reshaped (d_g, -1), grad b] into the work buffer, one cat per layer
+        (the optimizer calls it before the step's finiteness test, which sums the buffer)."""
         for layer, g_l in zip(self.layers, self.grad_in):
             w = layer.adapter.weight.grad
             if w.dim() != 2:
@@ -127,9 +128,8 @@ class FlatBucket:
 
     def step(self, ok: Tensor, lr: float, rho: float, coef: float, wd: float,
              inside: bool, precondition_t: Sequence[Any]) -> None:
-        """One step of every layer of the bucket (module docstring); ``precondition_t[i]`` maps
-        Mhat_i^T to D_i^T."""
-        self._gather_grads()
+        """One step of every layer of the bucket after :meth:`gather_grads` (module docstring);
+        ``precondition_t[i]`` maps Mhat_i^T to D_i^T."""
         if wd and inside:
             torch._foreach_add_(self.grad_parts, torch._foreach_mul(self.targets, wd))
         started_kc, first_kc, skip_kc, zero = _table(rho, coef, self.dtype, self.device)

@@ -601,10 +601,26 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 None if any(g is None for g in per) else torch.stack([g.detach() for g in per]))
 
     # -- the step --------------------------------------------------------------------------------
-    def _finite_flag(self, loss: Tensor | None) -> Tensor:
-        """Device bool: the loss and every gradient are finite (:mod:`kfqn.core.finite`)."""
+    def _covered_buckets(self, active: list[Layer]) -> list[FlatBucket]:
+        """The buckets whose every layer is active this step (the batched direction path)."""
+        if self._owner_mode:
+            return []
+        out = []
+        for bucket in self._buckets:
+            members = [l for l in active if l.group == bucket.layers[0].group
+                       and l.momentum.device == bucket.device]
+            if bucket.covers(members):
+                out.append(bucket)
+        return out
+
+    def _finite_flag(self, loss: Tensor | None, covered: list[FlatBucket] = ()) -> Tensor:
+        """Device bool: the loss and every gradient are finite (:mod:`kfqn.core.finite`); the
+        gradients of the ``covered`` buckets' layers through their gathered work buffers (one
+        sum for all of them)."""
         dev = self._device()
-        checks = [p.grad for p in self._all_params() if p.grad is not None]
+        seen = {id(t) for b in covered for t in b.targets}
+        checks = [b.work for b in covered]
+        checks += [p.grad for p in self._all_params() if p.grad is not None and id(p) not in seen]
         if loss is not None:
             checks.append(torch.as_tensor(loss, device=dev).detach())
         return all_finite_many(checks, dev)
@@ -661,7 +677,10 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 f"start); set {key}=false to make this the intended behaviour", stacklevel=2)
             self._warned_no_warm = True
         with torch.no_grad():
-            ok = self._finite_flag(loss)
+            covered = self._covered_buckets(active)
+            for bucket in covered:  # the homogeneous gradients, into the flat work buffers
+                bucket.gather_grads()
+            ok = self._finite_flag(loss, covered)
             if self.comm.world_size > 1:
                 ok = self._reduce_round(active, "current", ok)
             self.nonfinite_steps += (~ok).long()
@@ -673,7 +692,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             self._by_family("prepare", active, statistics, infos)
             t2 = time.perf_counter()
             times["factor_updates"] = t2 - t1
-            self._precondition_and_move(active, ok)
+            self._precondition_and_move(active, ok, covered)
             t3 = time.perf_counter()
             times["precondition"] = t3 - t2
             for fallback in self._fallbacks():
@@ -772,27 +791,22 @@ class KFQNOptimizer(torch.optim.Optimizer):
                 layer.reducer.memo[key] = t
         return None if ok is None else reduced[-1][0] == 0
 
-    def _precondition_and_move(self, active: list[Layer], ok: Tensor) -> None:
+    def _precondition_and_move(self, active: list[Layer], ok: Tensor,
+                               covered: list[FlatBucket] = ()) -> None:
         """Momentum, direction and move of the active layers: batched per param group
         (:class:`~kfqn.core.flat_step.FlatBucket`) when all of a group's layers are active and
         the parameters have the factor dtype; else layer by layer, on the same state."""
-        rest = active
-        if not self._owner_mode:
-            form = self.config["momentum_form"]
-            inside = self.config["weight_decay_mode"] == "inside"
-            done: set[int] = set()
-            for bucket in self._buckets:
-                members = [l for l in active if l.group == bucket.layers[0].group
-                           and l.momentum.device == bucket.device]
-                if not bucket.covers(members):
-                    continue
-                group = self.param_groups[members[0].group]
-                rho = float(group["momentum"])
-                bucket.step(ok, float(group["lr"]), rho, (1.0 - rho) if form == "ema" else 1.0,
-                            float(group["weight_decay"]), inside,
-                            [l.precond.precondition_t for l in members])
-                done.update(id(l) for l in members)
-            rest = [l for l in active if id(l) not in done]
+        form = self.config["momentum_form"]
+        inside = self.config["weight_decay_mode"] == "inside"
+        done: set[int] = set()
+        for bucket in covered:
+            group = self.param_groups[bucket.layers[0].group]
+            rho = float(group["momentum"])
+            bucket.step(ok, float(group["lr"]), rho, (1.0 - rho) if form == "ema" else 1.0,
+                        float(group["weight_decay"]), inside,
+                        [l.precond.precondition_t for l in bucket.layers])
+            done.update(id(l) for l in bucket.layers)
+        rest = [l for l in active if id(l) not in done]
         self._precondition_and_move_layers(rest, ok)
 
     def _precondition_and_move_layers(self, active: list[Layer], ok: Tensor) -> None:

@@ -184,11 +184,18 @@ class FirstBatchStart:
     def __init__(self, device: torch.device) -> None:
         self.pending = torch.ones((), dtype=torch.bool, device=device)
         self.tried = False
+        #: the CPU read found the start taken: ``pending`` only clears, so no more reads
+        self._settled = False
 
     def due(self) -> bool:
         if not self.tried:
             return True
-        return self.pending.device.type == "cpu" and bool(self.pending)
+        if self._settled or self.pending.device.type != "cpu":
+            return False
+        if bool(self.pending):
+            return True
+        self._settled = True
+        return False
 
     def taken(self, good: Tensor) -> None:
         self.pending &= ~good
@@ -198,6 +205,7 @@ class FirstBatchStart:
         return {"pending": self.pending, "tried": self.tried}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        self._settled = False
         if state is None:  # checkpoints from before: the start was taken
             self.pending = torch.zeros_like(self.pending)
             self.tried = True
