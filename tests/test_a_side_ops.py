@@ -15,7 +15,7 @@ from torch import nn
 
 import kfqn
 from kfqn.curvature.base import StepInfo
-from kfqn.curvature.ema_hessian_action import EMAHessianActionA
+from kfqn.curvature.ema_hessian_action import EMAHessianActionA, padded_square
 from kfqn.curvature.minibatch_hessian_action import MinibatchHessianActionA
 from kfqn.layers import LinearAdapter
 from kfqn.layers.base import GRAM_BLOCK_MIN, GramPlan, add_gram_
@@ -158,17 +158,20 @@ def test_ema_mixed_group_and_replaced_state():
     ests, ref = _ema_ests(), _ema_ests()
     EMAHessianActionA.after_step_group(ests, *_inputs_fixed(ests))   # a plan on the old A
     EMAHessianActionA._after_step_loop(ref, *_inputs_fixed(ref))
-    old_a = ests[0].a
-    for e in ests + ref:
-        e.load_state_dict(e.state_dict())
-    assert ests[0].a is not old_a and not ests[0]._plan.valid_for(ests[0].a)
+    old_a, plan = ests[0].a, ests[0]._plan
+    for e in ests + ref:   # copied into the state tensors: the same tensors, the same plan
+        e.load_state_dict({k: (v.clone() if k == "A" else v) for k, v in e.state_dict().items()})
+    assert ests[0].a is old_a and ests[0]._plan is plan
+    assert ests[0].a.stride(0) * ests[0].a.element_size() % 64 == 0   # padded rows
+    ests[2].a = padded_square(ests[2].a.clone())      # a replaced A gets a new plan
+    assert not ests[2]._plan.valid_for(ests[2].a)
     caps, infos = _inputs_fixed(ests)
     caps[1] = Capture(inp=caps[1].inp.float())
     infos = [StepInfo(torch.tensor(True), 3, 0.2, 0.3) for _ in ests]   # separate ok flags
     assert ests[1]._batch_key(caps[1], infos[1]) is None
     EMAHessianActionA.after_step_group(ests, caps, infos)
     EMAHessianActionA._after_step_loop(ref, caps, infos)
-    assert ests[0]._plan.valid_for(ests[0].a)
+    assert ests[0]._plan is plan and ests[2]._plan.valid_for(ests[2].a)
     for e, r in zip(ests, ref):
         _close(e.a, r.a)
     _compare(ests, ref, ["a_sy", "a_rejected"])
