@@ -45,7 +45,7 @@ def assert_same_state(f: InverseFactor, g: InverseFactor, what: str) -> None:
         if isinstance(sf[k], torch.Tensor):
             assert_same_bits(sf[k], sg[k], f"{what}: state {k}")
     if isinstance(f, LBFGSFactor):
-        for k in ("_r", "_d", "_yy", "_dense"):
+        for k in ("_mid", "_dense"):
             assert_same_bits(getattr(f, k), getattr(g, k), f"{what}: {k}")
 
 
