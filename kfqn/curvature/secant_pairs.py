@@ -191,6 +191,7 @@ class SecantPairsG(GEstimator):
         last = self._last
         if last is not None:   # the last flat step's figures, formed now (not in the step)
             out.update(last[0].stats(last[1]))
+            out["g_rejected"] = self.rejected
         return out
 
     def factors(self) -> dict[str, Tensor]:
