@@ -235,15 +235,25 @@ class _Outcome:
     """One flat step's per-layer figures as (L,) vectors; a layer's stats entries are formed
     from them when asked (:meth:`SecantPairsG.stats`), not in the step."""
 
-    def __init__(self, res: Flat, accepted: list[Tensor], undamped: bool) -> None:
-        self.res, self.accepted, self.undamped = res, accepted, undamped
+    def __init__(self, res: Flat, accepted: list[Tensor], damping: Any, dtype) -> None:
+        self.res, self.accepted, self.damping, self.dtype = res, accepted, damping, dtype
+        self._done: tuple | None = None
+
+    def _finished(self) -> tuple:
+        if self._done is None:
+            res = self.res
+            so = res.so.to(self.dtype)
+            if self.damping is None:
+                self._done = (so, res.active)
+            else:   # the damped pair is zero where not ok: s^T y = 0 there
+                self._done = (torch.where(res.ok, so, torch.zeros_like(so)),
+                              self.damping.finish_active(res))
+        return self._done
 
     def stats(self, i: int) -> dict[str, Tensor]:
-        res = self.res
-        # the damped pair is zero where not ok: s^T y = 0 there
-        sy = res.so if self.undamped else torch.where(res.ok, res.so, torch.zeros_like(res.so))
-        out = {"sy_raw": res.sy0[i], "sy": sy[i]}
-        for k, act in res.active.items():
+        sy, active = self._finished()
+        out = {"sy_raw": self.res.sy0[i], "sy": sy[i]}
+        for k, act in active.items():
             out[f"damping_{k}"] = act[i] if act.dim() else act
         out["g_accepted"] = self.accepted[i]
         return out
@@ -279,7 +289,8 @@ class _Group:
         self.means = lay.rows(7)
         m = self.means
         self._cur, self._trial = m[0:2], m[2:4]
-        self._cur_flat, self._head5 = m[0:2].view(-1), m[0:5].view(-1)
+        self._cur_flat, self._head5, self._head4 = (m[0:2].view(-1), m[0:5].view(-1),
+                                                    m[0:4].view(-1))
         self._gg_fin = (m[1:4], m[4:7])
         self._fin = (m[2:4], m[5:7])
         self._avg = self.work.buf[0:2]
@@ -337,7 +348,7 @@ class _Group:
             gg, f1, f2 = lay.dots(*self._gg_fin, cast=False).unbind()
             fin, norm = (f1 + f2) == 0, gg.sqrt()
         else:
-            torch.cat(parts, out=self._head5[:4 * lay.D])
+            torch.cat(parts, out=self._head4)
             fin, norm = lay.dots(*self._fin, cast=False).sum(0) == 0, None
         self._absorb(torch.sub(self._cur, self._trial), infos[0].ok & fin, norm, infos)
 
@@ -388,12 +399,12 @@ class _Group:
             res = self.damping.flat(w, [i.mu2 for i in infos])
             # the damped pair is not zeroed where not ok: the gate keeps it out of the update
             gate = allow & res.ok
-        if norm is not None:   # P2: s^T y > eps ||s||^2 ||g_ref||
-            gate = gate & (res.so > opts["norm_gate_eps"] * res.ss * norm)
+        if norm is not None:   # P2: s^T y > eps ||s||^2 ||g_ref||, as s^T y - eps ... > 0
+            gate = gate & (torch.addcmul(res.so, res.ss, norm, value=-opts["norm_gate_eps"]) > 0)
         accepted = type(self.factors[0]).update_many(self.factors, self.s_views, self.y_views,
                                                      list(gate.unbind()))
         self._rejected.add_(allow > torch.stack(accepted))    # allow and not accepted
-        out = _Outcome(res, accepted, self.undamped)
+        out = _Outcome(res, accepted, None if self.undamped else self.damping, lay.dtype)
         for i, e in enumerate(self.members):
             e._last = (out, i)
 

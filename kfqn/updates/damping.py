@@ -201,6 +201,7 @@ class Work:
         self.sy_rows, self.yh_rows = b[0:2], b[1:3]     # [s; y] and [y; H y]
         self.s_hy = b[0:3:2]                            # [s; H y]
         self.y0o = b[1:6:2]                             # [y; 0; out]
+        self.yo = b[1:6:4]                              # [y; out]
         self.zo = b[3:6:2]                              # [0; out]
         self.pair = b[5:7]
         self.head = b[0:3].view(-1)                     # rows s, y, H y end to end
@@ -226,15 +227,22 @@ class Flat:
 
 
 def _lowered(target: Tensor, rtol: float) -> Tensor:
-    """target - rtol |target|: :func:`_at_least`'s threshold."""
-    return target - rtol * target.abs()
+    """target - rtol |target|: :func:`_at_least`'s threshold (one fused op after the abs)."""
+    return torch.sub(target, target.abs(), alpha=rtol)
 
 
-def _flat_powell(w: Work, mu1: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _flat_powell(w: Work, mu1: float, second: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Powell on H of every layer: out = theta s + (1 - theta) H y into ``w.out`` (as
     ``lerp(H y, s, theta)``; theta = 1 where inactive), theta = (1 - mu1) / (1 - r),
     r = s^T y / y^T H y (0 where y^T H y <= 0: s = H y). Returns (sy, target, active, ok1,
-    out^T y (NaN where out is not finite), out^T out)."""
+    out^T y, out^T out).
+
+    ``second``: a second stage follows, which needs out^T out in the data dtype and rejects
+    every pair whose out is not finite (out^T out, so its target, is then NaN or inf): no
+    finiteness test here, and out^T y may be non-finite where out is. Without it, out^T y
+    is made NaN where out is not finite (the product with the zero row) and stays in
+    ``acc`` (a sum beyond the data dtype's range passes the test as the inf it would be)."""
     lay = w.lay
     dt, dev = lay.dtype, lay.device
     sy, yhy = lay.dots(w.sy_rows, w.yh_rows).unbind()
@@ -246,8 +254,11 @@ def _flat_powell(w: Work, mu1: float) -> tuple[Tensor, Tensor, Tensor, Tensor, T
                         const(0.0, dt, dev))
     theta = torch.where(active, theta, const(1.0, dt, dev))
     torch.lerp(w.hy, w.s, lay.expand(theta), out=w.out)
-    oy, fin, oo = lay.dots(w.out, w.y0o).unbind()
-    oy = oy + fin
+    if second:
+        oy, oo = lay.dots(w.out, w.yo).unbind()
+    else:
+        oy, fin, oo = lay.dots(w.out, w.y0o, cast=False).unbind()
+        oy = oy + fin
     # y and H y need no test of their own: a non-finite entry makes y^T H y (so the target)
     # non-finite, or out (lerp touches H y everywhere) non-finite
     ok1 = (oy >= _lowered(target, postcondition_rtol(lay.dtype))) & (target > float("-inf"))
@@ -260,7 +271,7 @@ def _flat_dd(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
     ``w.out2`` (``lerp(out, y, theta2)``)."""
     lay = w.lay
     dt, dev = lay.dtype, lay.device
-    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1)
+    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1, True)
     m2 = lay.const_rows("mu2", mu2, dt)
     one_m2 = lay.const_rows("1-mu2", [1.0 - m for m in mu2], dt)
     target = m2 * oo
@@ -268,7 +279,9 @@ def _flat_dd(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
     theta = torch.where(oo > 0, one_m2 / (1.0 - oy / oo), const(1.0, dt, dev))
     theta = torch.where(active, theta, const(1.0, dt, dev))
     torch.lerp(w.out, w.y, lay.expand(theta), out=w.out2)
-    so = lay.dots(w.out2, w.zo).sum(0)          # out2^T out, NaN where out2 is not finite
+    # out2^T out (in acc: compared as the data dtype's inf would be), NaN where out2 is not
+    # finite
+    so = lay.dots(w.out2, w.zo, cast=False).sum(0)
     # target >= 0 or NaN: |target| = target, and the threshold is NaN where target = inf
     ok = ok1 & (so >= target - postcondition_rtol(lay.dtype) * target)
     return Flat(ok, {"powell": act1, "second": active}, sy0, so, oo, ok1)
@@ -277,10 +290,10 @@ def _flat_dd(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
 def _flat_ddv2(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
     """DDV2: Powell, then y2 = y + mu2 out into ``w.out2``."""
     lay = w.lay
-    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1)
+    sy0, _, act1, ok1, oy, oo = _flat_powell(w, mu1, True)
     m2e = _expanded_mu2(lay, mu2)
     torch.addcmul(w.y, m2e, w.out, out=w.out2)
-    so = lay.dots(w.out2, w.zo).sum(0)
+    so = lay.dots(w.out2, w.zo, cast=False).sum(0)
     target = lay.const_rows("mu2", mu2, lay.dtype) * oo
     ok = ok1 & (so >= target - postcondition_rtol(lay.dtype) * target)
     return Flat(ok, {"powell": act1, "second": const(True, torch.bool, lay.device)}, sy0, so, oo, ok1)
@@ -298,7 +311,7 @@ def _expanded_mu2(lay: Layout, mu2: Sequence[float]) -> Tensor:
 
 def _flat_powell_only(w: Work, mu1: float, mu2: Sequence[float]) -> Flat:
     """Powell alone: the damped pair is (out, y); ``w.out2`` must hold y."""
-    sy0, _, act, ok, oy, oo = _flat_powell(w, mu1)
+    sy0, _, act, ok, oy, oo = _flat_powell(w, mu1, False)
     return Flat(ok, {"powell": act}, sy0, oy, oo, ok)
 
 
@@ -353,6 +366,7 @@ class _FlatRule:
         else:
             torch.cat(lay.padded(s) + lay.padded(y) + lay.padded(hy), out=w.head)
         res = self._flat(w, mu2)
+        res.active = self.finish_active(res)
         _zero_unless_flat(w, res.ok)
         return w, res
 
@@ -385,9 +399,15 @@ class _FlatRule:
         return [DampingResult(si, yi, {k: v[i] for k, v in acts.items()}, o)
                 for i, (si, yi, o) in enumerate(zip(w.out_views, w.out2_views, oks))]
 
+    def finish_active(self, res: Flat) -> dict[str, Tensor]:
+        """The activations as the per-layer rule reports them (``flat`` leaves this step to
+        the caller, who may do it when the figures are read)."""
+        return res.active
+
     def flat(self, w: Work, mu2: Sequence[float]) -> Flat:
         """Damp the pairs in rows s, y of ``w`` (H y in row hy) for all layers; the damped
-        pair is left in rows out, out2, NOT zeroed where not ok (the caller selects)."""
+        pair is left in rows out, out2, NOT zeroed where not ok (the caller selects), the
+        activations unfinished (:meth:`finish_active`)."""
         if self._y_in_out2:
             w.out2.copy_(w.y)
         return self._flat(w, mu2)
@@ -463,11 +483,14 @@ class DoubleDamping(_PowellThenSecond):
         return DampingResult(s, y, {"powell": act1, "second": act2}, ok)
 
     def _flat(self, w: Work, mu2: Sequence[float]) -> Flat:
-        res = _flat_dd(w, self.opts.get("mu1", 0.2), mu2)
-        # the second stage of a pair Powell could not damp ran on (0, 0) before: active
-        res.active["second"] = torch.where(res.ok1, res.active["second"],
-                                           const(True, torch.bool, w.lay.device))
-        return res
+        return _flat_dd(w, self.opts.get("mu1", 0.2), mu2)
+
+    def finish_active(self, res: Flat) -> dict[str, Tensor]:
+        # the second stage of a pair Powell could not damp runs on (0, 0): active
+        act = dict(res.active)
+        act["second"] = torch.where(res.ok1, act["second"],
+                                    const(True, torch.bool, res.ok1.device))
+        return act
 
 
 @register('damping')
