@@ -100,7 +100,8 @@ class _Layout:
 
     Scratch only: what an update keeps is copied out of it."""
 
-    def __init__(self, p: int, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+    def __init__(self, p: int, dims: tuple[int, ...], dense: tuple[bool, ...],
+                 dtype: torch.dtype, device: torch.device):
         size = torch.finfo(dtype).bits // 8
         align = max(1, _BLOCK_BYTES // size)
         offs, seg, n = [], [], 0
@@ -112,8 +113,9 @@ class _Layout:
         L = len(dims)
         with torch.inference_mode(False):
             self.x = torch.zeros(4, n, dtype=dtype, device=device)
-            self.x[3] = 1.0
             cut = [slice(o, o + d) for o, d in zip(offs, dims)]
+            for c in cut:
+                self.x[3, c] = 1.0
             self.s_l = [self.x[0, c] for c in cut]
             self.hy_l = [self.x[1, c] for c in cut]
             self.y_l = [self.x[2, c] for c in cut]
@@ -123,12 +125,37 @@ class _Layout:
             self.rows_t = [r.T for r in self.rows_l]
             self.y_t = [r[p:].T for r in self.rows_l]
             self.dots = torch.zeros(L, 3, dtype=dtype, device=device)
+            self.ninf = torch.full((L,), float("-inf"), dtype=dtype, device=device)
             self.dots_l = list(self.dots.unbind())
             self.dots_cols = self.dots.T.unbind()
-            self.g = _stacked(L, (2 * p, p), dtype, device)
+            self.seg = torch.tensor(seg, dtype=torch.long, device=device)
+            # 1 for the layers in the compact form (gamma [y, 1] is added to their H+ [y, 1])
+            self.compact = torch.tensor([0.0 if h else 1.0 for h in dense], dtype=dtype,
+                                        device=device)
+            # [S Y^T; Y Y^T] and M of each layer in one row (each part aligned), so that one
+            # reduction tests them all for finiteness
+            g_len = -(-2 * p * p * size // _BLOCK_BYTES) * _BLOCK_BYTES // size
+            self.gm = _stacked(L, (g_len + 4 * p * p,), dtype, device)
+            self.g = self.gm[:, : 2 * p * p].view(L, 2 * p, p)
             self.g_l = list(self.g.unbind())
             self.syt, self.yyt = self.g[:, :p], self.g[:, p:]
-            self.mid = _stacked(L, (2 * p, 2 * p), dtype, device)
+            self.g_last = self.g[:, :, p - 1]                       # [S y; Y y] (newest y)
+            self.mid = self.gm[:, g_len:].view(L, 2 * p, 2 * p)
+            # [rows y, rows 1] and M [rows y, rows 1] of each layer; H+ [y; 1] end to end
+            self.w = _stacked(L, (2 * p, 2), dtype, device)
+            self.w0 = self.w[:, :, 0]
+            self.w1_l = list(self.w[:, :, 1].unbind())
+            self.z = _stacked(L, (2 * p, 2), dtype, device)
+            self.z_l = list(self.z.unbind())
+            self.hp = torch.zeros(2, n, dtype=dtype, device=device)
+            self.hp0, self.y1_rows, self.x0 = self.hp[0], self.x[2:4], self.x[0]
+            self.hp_t = [self.hp[:, c].T for c in cut]
+            self.hp0_l = [self.hp[0, c] for c in cut]
+            self.hp1_l = [self.hp[1, c] for c in cut]
+            self.diff = torch.zeros(n, dtype=dtype, device=device)
+            self.diff_l = [self.diff[c] for c in cut]
+            self.zero = torch.zeros(2, n, dtype=dtype, device=device)
+            self.zero_l = [self.zero[:, c] for c in cut]
             self.mid_l = list(self.mid.unbind())
             self.tl, self.tr = self.mid[:, :p, :p], self.mid[:, :p, p:]
             self.bl, self.br = self.mid[:, p:, :p], self.mid[:, p:, p:]
@@ -144,11 +171,14 @@ class _Layout:
             self.rinv_t = self.rinv.mT
 
 
-def _layout(p: int, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Layout:
-    key = (p, dims, dtype, device)
+def _layout(factors: list["LBFGSFactor"]) -> _Layout:
+    f0 = factors[0]
+    p, dt, dev = f0.memory, f0.dtype, f0._sy.device
+    dims, dense = tuple(f.dim for f in factors), tuple(f.uses_dense for f in factors)
+    key = (p, dims, dense, dt, dev)
     got = _LAYOUTS.get(key)
     if got is None:
-        got = _LAYOUTS[key] = _Layout(p, dims, dtype, device)
+        got = _LAYOUTS[key] = _Layout(p, dims, dense, dt, dev)
     return got
 
 
@@ -238,7 +268,7 @@ class LBFGSFactor(InverseFactor):
         M = [[R^{-T} (D + gamma Y^T Y) R^{-1}, -gamma R^{-T}], [-gamma R^{-1}, 0]]."""
         f0 = factors[0]
         p, dt, dev = f0.memory, f0.dtype, rows[0].device
-        lay = _layout(p, tuple(f.dim for f in factors), dt, dev)
+        lay = _layout(factors)
         for r, yt, g in zip(rows, y_t, lay.g_l):
             torch.mm(r, yt, out=g)                           # [S Y^T; Y Y^T]
         zero, one = const(0.0, dt, dev), const(1.0, dt, dev)
@@ -329,7 +359,7 @@ class LBFGSFactor(InverseFactor):
         p, dt, dev = f0.memory, f0.dtype, f0._sy.device
         one = const(1.0, dt, dev)
         tol = f0.cancel_tol * torch.finfo(dt).eps
-        lay = _layout(p, tuple(f.dim for f in factors), dt, dev)
+        lay = _layout(factors)
         # s and y into their segments and into each memory's spare rows (one op)
         torch._foreach_copy_(
             lay.s_l + lay.y_l + [f._pair_s for f in factors] + [f._pair_y for f in factors],
@@ -344,15 +374,16 @@ class LBFGSFactor(InverseFactor):
             torch.mv(u, yi, out=o)
         sy, yhy, yy = lay.dots_cols
         s_norm, y_norm = torch.stack(torch._foreach_norm(lay.s_l + lay.y_l)).view(2, n).unbind()
-        # the guards (module docstring) on (L,) vectors
-        ok = (sy > 0) & (sy < float("inf"))
+        # the guards (module docstring) on (L,) vectors, as one strict comparison (NaN: no):
+        # s^T y > max(cancel_tol eps y^T H y, 0), y^T H y > -inf, s^T y / ||s|| > cancel_tol
+        # eps ||y|| (s^T y resolved above the rounding of its own dot product; divided by
+        # ||s|| first so that ||s|| ||y|| cannot overflow), -s^T y > -inf
+        big = torch.stack([sy, yhy, sy / s_norm, sy.neg()])
+        small = torch.stack([(tol * yhy).clamp_min(0.0), lay.ninf, tol * y_norm, lay.ninf])
+        ok = (big > small).all(0)
         if any(a is not None for a in allow):
             true = const(True, torch.bool, dev)
             ok = ok & torch.stack([true if a is None else a for a in allow])
-        ok = ok & (sy > (tol * yhy).clamp_min(0.0)) & (yhy > float("-inf"))
-        # s^T y resolved above the rounding of its own dot product (divided by ||s|| first so
-        # that ||s|| ||y|| cannot overflow)
-        ok = ok & (sy / s_norm > tol * y_norm)
         # the new memory [S[1:]; s; Y[1:]; y], one gather per layer
         shift = _cached("shift", p, dt, dev)
         for f, r in zip(factors, lay.rows_l):
@@ -367,25 +398,32 @@ class LBFGSFactor(InverseFactor):
             gamma_new = torch.where(ok, ratio, gamma)
         (_, _, _, mid), dense = cls._derive_group(factors, lay.rows_l, lay.rows_t, lay.y_t,
                                                   valid_new, gamma_new)
-        # H+ y and the probe H+ 1 (the row sums of a dense H+; gamma 1 + ... in the compact
-        # form, a probe of overflow in its products)
-        h_y, probe = [], []
-        for f, r, rt, m, h, yi, y1, gi in zip(factors, lay.rows_l, lay.rows_t, lay.mid_l,
-                                              dense, lay.y_l, lay.y1_l, gamma_new.unbind()):
+        # H+ [y, 1] (1: a probe of overflow): the row sums of a dense H+, or
+        # gamma [y, 1] + [S; Y]^T M [S; Y] [y, 1] with [S; Y] y the last column of [S Y^T; Y Y^T]
+        lay.w0.copy_(lay.g_last)
+        for r, h, yi, w1, hp0, hp1 in zip(lay.rows_l, dense, lay.y_l, lay.w1_l, lay.hp0_l,
+                                          lay.hp1_l):
             if h is not None:
-                h_y.append(h @ yi)
-                probe.append(h.sum(1))
+                torch.mv(h, yi, out=hp0)
+                torch.sum(h, 1, out=hp1)
             else:
-                hy1, pr = torch.addcmul(rt @ (m @ (r @ y1)), y1, gi).unbind(1)
-                h_y.append(hy1)
-                probe.append(pr)
-        norms = torch.stack(torch._foreach_norm(torch._foreach_sub(h_y, lay.s_l))
-                            + torch._foreach_norm(torch._foreach_mul(h_y + probe, 0.0)))
-        resid, fin_hy, fin_probe = norms.view(3, n).unbind()
+                torch.sum(r, 1, out=w1)
+        if len(dense) > sum(h is not None for h in dense):
+            torch.bmm(lay.mid, lay.w, out=lay.z)
+            for h, rt, z, hp_t in zip(dense, lay.rows_t, lay.z_l, lay.hp_t):
+                if h is None:
+                    torch.mm(rt, z, out=hp_t)
+            g_e = torch.index_select(gamma_new * lay.compact, 0, lay.seg)
+            lay.hp.addcmul_(lay.y1_rows, g_e)
+        # ||H+ y - s|| and (exact) finiteness: t * 0 is NaN exactly where t is not finite
+        torch.sub(lay.hp0, lay.x0, out=lay.diff)
+        torch.mul(lay.hp, 0.0, out=lay.zero)
+        resid, fin_hp = torch.stack(torch._foreach_norm(lay.diff_l)
+                                    + torch._foreach_norm(lay.zero_l)).view(2, n).unbind()
         rtol = f0.secant_rtol[dt == torch.float64]
-        # everything derived finite (exact: t * 0 is NaN exactly where t is not): [S Y^T;
-        # Y Y^T] (so R and D), M, H+ y and H+ 1 (the dense H+ or gamma)
-        fin = (lay.g.mul(0).sum((1, 2)) + lay.mid.mul(0).sum((1, 2)) + fin_hy + fin_probe) == 0
+        # everything derived finite: [S Y^T; Y Y^T] (so R and D), M, H+ [y, 1] (the dense H+
+        # or gamma)
+        fin = lay.gm.mul(0).sum(1) + fin_hp == 0
         ok = ok & fin & (resid <= rtol * s_norm)
         # the writes: memory and M or dense H per layer, flags and gamma of all layers at once
         oks = ok.unbind()
