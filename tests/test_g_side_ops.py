@@ -3,8 +3,6 @@ of kfqn/updates/damping.py): the same pairs, averages, dampings, gates and updat
 per-layer path, state at fixed addresses, and a fixed number of ops per family (issue 11)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfqn
 from helpers import assert_resumes_exactly, batches, make_closure, quiet, tensor_paths
-from kfqn.curvature import secant_pairs
 from kfqn.curvature.secant_pairs import SecantPairsG, _Group
 from kfqn.updates.damping import DDV2Damping, DoubleDamping, PowellDamping
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from kfqn.core.components import Option, register
-from kfqn.core.finite import const, finite_exact
+from kfqn.core.finite import finite_exact
 from kfqn.core.sections import Sub
 from kfqn.curvature.base import GEstimator, LayerContext, StepInfo
 from kfqn.layers.capture import Capture

@@ -6,15 +6,25 @@ All branches are ``torch.where`` selections, so no host synchronisation happens.
 Comparisons are non-strict, as in [P2 code]: Powell fires when s^T y <= mu1 y^T H y, DD's
 second stage when s^T y / s^T s <= mu2.
 
-Floating point. The mixing coefficients are computed by the textbook formulas where those are
-finite (and, for Powell, in [0, 1]); otherwise from the ratios r = s^T y / y^T H y and
-q = s^T y / s^T s, theta = (1 - mu1) / (1 - r) and theta2 = (1 - mu2) / (1 - q), which do not
-overflow. Every rule then checks its postcondition on the pair it computed, within the relative
+Floating point (the per-layer ``_single``). The mixing coefficients are computed by the
+textbook formulas where those are finite (and, for Powell, in [0, 1]); otherwise from the
+ratios r = s^T y / y^T H y and q = s^T y / s^T s, theta = (1 - mu1) / (1 - r) and
+theta2 = (1 - mu2) / (1 - q), which do not overflow. Every rule then checks its postcondition on the pair it computed, within the relative
 tolerance :func:`~kfqn.updates.base.postcondition_rtol` (1e-4 in float32, 1e-10 in float64):
 a pair that misses it, is not finite, or has no damped pair at all (DD with mu2 != 1 and
 s^T y = s^T s: no theta2 moves s^T y) comes back as s = y = 0 with ``ok`` false in the
 :class:`~kfqn.updates.base.DampingResult`, so that every update rule rejects it (s^T y = 0).
 For finite input the output is always finite.
+
+Several layers at one call (``many``, and ``flat`` for the G side's secant pairs): the layers'
+vectors lie end to end in one buffer (:class:`Layout`, :class:`Work`), so that each step of a
+rule is one op for all layers; the per-layer dot products are one segmented sum, accumulated in
+float64 and rounded to the data dtype (not the BLAS dot of a single layer: another rounding, as
+accurate or more). theta is computed as (1 - mu) / (1 - r) (r = s^T y / y^T H y for Powell,
+q = s^T y / s^T s for DD's second stage) where the ratio's denominator is positive, and the
+mixtures as ``lerp`` (theta = 1 where the stage is inactive). A single layer (``__call__``)
+runs the same kernel, so ``many`` equals the per-layer loop bit for bit; ``_single`` keeps the
+per-layer formulas above for inputs the flat path does not take (other dtypes, mixed layers).
 """
 from __future__ import annotations
 
@@ -35,11 +45,6 @@ MU1 = {"mu1": Option(0.2, "Powell constant mu1", type=float, low=0.0, high=1.0,
 
 def _safe(den: Tensor, use: Tensor) -> Tensor:
     return torch.where(use, den, const(1.0, den.dtype, den.device))
-
-
-def _finite(*ts: Tensor) -> Tensor:
-    """0-dim bool: every entry finite (exact; these are vectors and scalars)."""
-    return finite_exact(ts[0] if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts]))
 
 
 def _at_least(value: Tensor, target: Tensor, rtol: float) -> Tensor:
