@@ -8,7 +8,7 @@ updated in place at static addresses and checkpoints stay keyed by layer. One wo
 the same size holds first the homogeneous gradients and then the directions. Per step, with
 ``ok`` the step's device flag (loss and gradients finite)::
 
-    G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], weight decay "inside")   one cat per layer
+    G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], weight decay "inside")   one copy for all
     Mhat <- k Mhat + c where(ok, G, 0)         once; (k, c) per layer = (rho, 1 - rho) started,
                                                 (0, 1) first accepted step, (1, 0) not ok
     D_l^T = precondition_t(Mhat_l^T) (+ tau Wbar_l^T "outside")          the layer's products
@@ -112,19 +112,13 @@ class FlatBucket:
         """Whether this step's active layers are exactly the bucket's (the batched path)."""
         return (self.exact and len(active) == len(self.layers)
                 and all(a is b for a, b in zip(active, self.layers))
-                and all(t.dtype == self.dtype for t in self.targets))
+                and all(t.dtype == self.dtype and t.grad is not None for t in self.targets))
 
     def gather_grads(self) -> None:
-        """G_l = [grad W reshaped (d_g, -1), grad b] into the work buffer, one cat per layer
-        (the optimizer calls it before the step's finiteness test, which sums the buffer)."""
-        for layer, g_l in zip(self.layers, self.grad_in):
-            w = layer.adapter.weight.grad
-            if w.dim() != 2:
-                w = w.reshape(w.shape[0], -1)
-            if layer.adapter.has_bias:
-                torch.cat([w, layer.adapter.module.bias.grad.unsqueeze(1)], dim=1, out=g_l)
-            else:
-                g_l.copy_(w)
+        """G_l = [grad W reshaped (d_g, -1), grad b] into the work buffer: one copy into the
+        views shaped like the parameters, for every layer of the bucket at once (the optimizer
+        calls it before the step's finiteness test, which sums the buffer)."""
+        torch._foreach_copy_(self.grad_parts, [t.grad for t in self.targets])
 
     def step(self, ok: Tensor, lr: float, rho: float, coef: float, wd: float,
              inside: bool, precondition_t: Sequence[Any]) -> None:

@@ -84,6 +84,8 @@ class LinearAdapter(LayerAdapter):
         return self._rows(out).mean(0)
 
     def grad_output_mean(self, grad_out: Tensor) -> Tensor:
+        if grad_out.dim() == 2:  # m * mean = the sum over the batch, in one op
+            return grad_out.sum(0)
         return self._rows(grad_out).mean(0) * grad_out.shape[0]
 
     def per_sample_grad_outputs(self, grad_out: Tensor) -> Tensor:
