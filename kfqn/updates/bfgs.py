@@ -57,8 +57,8 @@ class _Layout:
     * ``k`` (3, n): per-entry copies of the coefficients (c, 2 rho, -rho);
     * ``v`` (5, n): the rows whose per-layer maxima the guards need
       (|s|, |Hy|, |H_ii|, |H_ii + (c s - 2 rho Hy) s|, -H_ii);
-    * ``w`` (n,): w = H y - H^T y;
-    * ``sy`` (L, 2): [s^T y, y^T H y] of each layer.
+    * ``w`` (n,): w = H y - H^T y; ``yf`` (n,): y;
+    * ``prod`` (3, n): [s * y; Hy * y; w * w], summed per layer into s^T y, y^T H y, ||w||^2.
 
     Scratch only: nothing returned by an update aliases it."""
 
@@ -75,18 +75,22 @@ class _Layout:
         with torch.inference_mode(False):
             z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)
             self.x, self.a, self.k, self.v, self.w = z(2, n), z(2, n), z(3, n), z(5, n), z(n)
-            self.sy = z(len(dims), 2)
+            self.yf = z(n)
+            self.prod = z(3, n)
+            self.prod01, self.prod2, self.prod_t = self.prod[0:2], self.prod[2], self.prod.T
             self.seg = torch.tensor(seg, dtype=torch.long, device=device)
             self.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+            self.widths = torch.tensor([a + b for a, b in zip(lengths[0::2], lengths[1::2])],
+                                       dtype=torch.long, device=device)
             cut = [slice(o, o + d) for o, d in zip(offs, dims)]
             self.xs = [self.x[:, c] for c in cut]                    # U^T of each layer
             self.x_s = [self.x[0, c] for c in cut]
             self.x_hy = [self.x[1, c] for c in cut]
             self.at = [self.a[:, c].T for c in cut]                  # V of each layer
             self.w_l = [self.w[c] for c in cut]
+            self.bq = None                               # (L,) finfo.max / 4, below, at first use
             self.diag = [self.v[2, c] for c in cut]
-            self.sy_l = list(self.sy.unbind())
-            self.sy_cols = self.sy.T.unbind()                        # s^T y, y^T H y
+            self.y_l = [self.yf[c] for c in cut]
             self.x0, self.x1 = self.x.unbind()
             self.a0 = self.a[0]
             self.k0, self.k1, self.k2 = self.k.unbind()
@@ -207,7 +211,8 @@ class BFGSFactor(InverseFactor):
 
     def _consts(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
         """Cached device constants of :meth:`update`: 0, 1, the factors of its guards' left
-        sides (1, eps, eps, 1) and right sides (1, increment_rtol, growth_rtol, hy_error_rtol),
+        sides (1, eps, eps, 1/4) and right sides (1, increment_rtol, -growth_rtol (it
+        multiplies -min_i H_ii), hy_error_rtol),
         and the largest value below finfo.max / 4 (so that the overflow guard's ``<`` is a
         ``<=`` like the others)."""
         key = (self.increment_rtol, self.growth_rtol, self.hy_error_rtol, dtype, device)
@@ -216,8 +221,8 @@ class BFGSFactor(InverseFactor):
             finfo = torch.finfo(dtype)
             f64 = finfo.bits == 64
             with torch.inference_mode(False):
-                lhs = torch.tensor([1.0, finfo.eps, finfo.eps, 1.0], dtype=dtype, device=device)
-                rhs = torch.tensor([1.0, self.increment_rtol[f64], self.growth_rtol[f64],
+                lhs = torch.tensor([1.0, finfo.eps, finfo.eps, 0.25], dtype=dtype, device=device)
+                rhs = torch.tensor([1.0, self.increment_rtol[f64], -self.growth_rtol[f64],
                                     self.hy_error_rtol[f64]], dtype=dtype, device=device)
                 quarter = torch.tensor(finfo.max / 4, dtype=dtype, device=device)
                 below = torch.nextafter(quarter, torch.tensor(float("-inf"), dtype=dtype,
@@ -275,20 +280,25 @@ class BFGSFactor(InverseFactor):
         eps = torch.finfo(dtype).eps
         lay = _layout(tuple(f.h.shape[0] for f in factors), dtype, device)
         views = [f._views() for f in factors]
-        # s and diag H into their segments (one op), then per layer H y, w, s^T y and y^T H y
-        torch._foreach_copy_(lay.x_s + lay.diag, list(s) + [dg for _, dg in views])
-        for f, (ht, _), yi, hy, w, u, sy_i in zip(factors, views, y, lay.x_hy, lay.w_l,
-                                                   lay.xs, lay.sy_l):
+        # s, diag H and y into their segments (one op), then per layer H y and w
+        torch._foreach_copy_(lay.x_s + lay.diag + lay.y_l,
+                             [*s, *(dg for _, dg in views), *y])
+        for f, (ht, _), yi, hy, w in zip(factors, views, y, lay.x_hy, lay.w_l):
             torch.mv(f.h, yi, out=hy)
             torch.addmv(hy, ht, yi, alpha=-1.0, out=w)
-            torch.mv(u, yi, out=sy_i)
-        sy, yhy = lay.sy_cols
+        # s^T y, y^T H y and ||w||^2 of every layer: one segmented sum of the products
+        torch.mul(lay.x, lay.yf, out=lay.prod01)
+        torch.mul(lay.w, lay.w, out=lay.prod2)
+        sy, yhy, w_sq = torch.segment_reduce(lay.prod_t, "sum", lengths=lay.widths,
+                                             axis=0).unbind(1)
         # s^T y > 0, and large enough not to be lost to cancellation against y^T H y (NaN: no)
         ok = sy > (f0.cancel_tol * eps * yhy).clamp_min(0.0)
         if any(a is not None for a in allow):
             true = const(True, torch.bool, device)
             ok = ok & torch.stack([true if a is None else a for a in allow])
-        rho = torch.reciprocal(torch.where(ok, sy, one))
+        # (where not ok, rho and what follows may be anything: those layers are rejected by
+        # ``ok`` below, and their U and coefficients zeroed before H is touched)
+        rho = torch.reciprocal(sy)
         coef = torch.addcmul(one, rho, yhy) * rho            # c = rho^2 y^T H y + rho
         rho2 = rho + rho
         # c, 2 rho, -rho for every entry of the layer's segment
@@ -303,18 +313,18 @@ class BFGSFactor(InverseFactor):
         # the per-layer maxima (segments alternate layer, padding)
         s_max, hy_max, h_max, new_max, neg_min = torch.segment_reduce(
             lay.vt, "max", lengths=lay.lengths, axis=0)[0::2].unbind(1)
-        w_norm = torch.stack(torch._foreach_norm(lay.w_l))
         # entries of the increment are bounded by (|c| max|s| + 2 |rho| max|Hy|) max|s|, those
         # of the positive definite H by max_i H_ii; a non-finite s, y or Hy makes the bound NaN
         # or inf, and the comparison false
         bound = torch.addcmul(coef.abs() * s_max, rho2.abs(), hy_max) * s_max
         bh = bound + h_max
-        skew = 0.25 * (rho * w_norm) * w_norm
+        skew = rho * w_sq                                    # times 1/4 in lhs_k
         # the guards, elementwise  lhs_k * [bh, bh, bound, skew] <= rhs_k * [max/4-, new_max,
         # h_min, new_max] (class docstring)
         lhs = torch.stack([bh, bh, bound, skew], dim=1) * lhs_k
-        rhs = torch.stack([below_quarter_max.expand(n), new_max, neg_min.neg(), new_max],
-                          dim=1) * rhs_k
+        if lay.bq is None:
+            lay.bq = below_quarter_max.expand(n)
+        rhs = torch.stack([lay.bq, new_max, neg_min, new_max], dim=1) * rhs_k
         ok = ok & (lhs <= rhs).all(1)
         # U and the coefficients zero where rejected, so that H is left unchanged
         ok_e = ok[lay.seg]
