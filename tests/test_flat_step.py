@@ -49,6 +49,8 @@ def _run(batched: bool, preset: str, overrides: dict, poison: dict, steps: int, 
                 prec = layers[bad].precond
                 orig = prec.precondition_t
                 m.setattr(prec, "precondition_t", lambda mt, orig=orig: orig(mt) * float("nan"))
+                m.setattr(prec, "precondition_t_into",
+                          lambda mt, out, orig=orig: out.copy_(orig(mt) * float("nan")))
             if bad == -1:
                 x = x * float("nan")
             with warnings.catch_warnings():
@@ -116,7 +118,8 @@ def test_the_batched_path_is_taken_and_rejections_count(monkeypatch):
     before = [p.detach().clone() for p in model.parameters()]
     prec = layers[1].precond
     orig_pt = prec.precondition_t
-    monkeypatch.setattr(prec, "precondition_t", lambda mt: orig_pt(mt) * float("inf"))
+    monkeypatch.setattr(prec, "precondition_t_into",
+                        lambda mt, out: out.copy_(orig_pt(mt) * float("inf")))
     opt.step(make_closure(opt, model, *_data(0)))
     assert calls == [1]
     assert [int(l.dir_rejected) for l in layers] == [0, 1, 0, 0]

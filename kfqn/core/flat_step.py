@@ -8,7 +8,7 @@ updated in place at static addresses and checkpoints stay keyed by layer. One wo
 the same size holds first the homogeneous gradients and then the directions. Per step, with
 ``ok`` the step's device flag (loss and gradients finite)::
 
-    G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], weight decay "inside")   one copy for all
+    G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], "inside", one add)      one copy for all
     Mhat <- k Mhat + c where(ok, G, 0)         once; (k, c) per layer = (rho, 1 - rho) started,
                                                 (0, 1) first accepted step, (1, 0) not ok
     D_l^T = precondition_t(Mhat_l^T) (+ tau Wbar_l^T "outside")          the layer's products
@@ -29,6 +29,9 @@ import torch
 from torch import Tensor
 
 from kfqn.layers.base import LayerAdapter
+
+#: bytes to which each layer's segment of the flat buffers is aligned
+ALIGN = 64
 
 #: (rho, coef, dtype, device) -> the (3, 2) table of momentum coefficients (k, c) and a zero
 _TABLES: dict = {}
@@ -69,8 +72,12 @@ class FlatBucket:
         self.dtype, self.device = dtype, device
         sizes = [l.adapter.d_g * l.adapter.d_a for l in self.layers]
         self.sizes = sizes
-        n = sum(sizes)
-        self.lengths = torch.tensor(sizes, dtype=torch.long, device=device)
+        # each layer's segment starts 64-byte aligned, as a tensor of its own would: BLAS
+        # (MKL) rounds differently for operands at other alignments; the padding stays zero
+        step = max(1, ALIGN // torch.empty((), dtype=dtype).element_size())
+        padded = [-(-size // step) * step for size in sizes]
+        n = sum(padded)
+        self.lengths = torch.tensor(padded, dtype=torch.long, device=device)
         self.momentum = torch.zeros(n, dtype=dtype, device=device)
         self.work = torch.zeros(n, dtype=dtype, device=device)
         self.started = torch.zeros((len(sizes), 1), dtype=torch.bool, device=device)
@@ -83,7 +90,7 @@ class FlatBucket:
         self.targets: list[Tensor] = []
         self.exact = True                     # every part is a view (else: the per-layer loop)
         offset = 0
-        for i, (layer, size) in enumerate(zip(self.layers, sizes)):
+        for i, (layer, size, seg) in enumerate(zip(self.layers, sizes, padded)):
             d_g, d_a = layer.adapter.d_g, layer.adapter.d_a
             mom = self.momentum[offset:offset + size].view(d_g, d_a)
             mom.copy_(layer.momentum)
@@ -106,7 +113,7 @@ class FlatBucket:
             self.grad_parts += g_parts
             self.dir_parts += d_parts
             self.targets += targets
-            offset += size
+            offset += seg
 
     def covers(self, active: Sequence[Any]) -> bool:
         """Whether this step's active layers are exactly the bucket's (the batched path)."""
@@ -123,24 +130,24 @@ class FlatBucket:
     def step(self, ok: Tensor, lr: float, rho: float, coef: float, wd: float,
              inside: bool, precondition_t: Sequence[Any]) -> None:
         """One step of every layer of the bucket after :meth:`gather_grads` (module docstring);
-        ``precondition_t[i]`` maps Mhat_i^T to D_i^T."""
+        ``precondition_t[i](Mhat_i^T, out)`` writes D_i^T into ``out``."""
         if wd and inside:
-            torch._foreach_add_(self.grad_parts, torch._foreach_mul(self.targets, wd))
+            torch._foreach_add_(self.grad_parts, self.targets, alpha=wd)
         started_kc, first_kc, skip_kc, zero = _table(rho, coef, self.dtype, self.device)
         kc = torch.where(ok, torch.where(self.started, started_kc, first_kc), skip_kc)
-        kc = kc.repeat_interleave(self.lengths, dim=0, output_size=self.work.shape[0])
-        self.momentum.mul_(kc[:, 0]).addcmul_(torch.where(ok, self.work, zero), kc[:, 1])
+        k, c = kc.repeat_interleave(self.lengths, dim=0, output_size=self.work.shape[0]).unbind(1)
+        self.momentum.mul_(k).addcmul_(torch.where(ok, self.work, zero), c)
         self.started.bitwise_or_(ok)
         for prec, mt, dt in zip(precondition_t, self.mom_t, self.dir_t):
-            dt.copy_(prec(mt))
+            prec(mt, dt)
         if wd and not inside:
-            torch._foreach_add_(self.dir_parts, torch._foreach_mul(self.targets, wd))
+            torch._foreach_add_(self.dir_parts, self.targets, alpha=wd)
         # all_finite per layer: the layer's sum is finite (conservative: an overflowing sum
         # of finite entries rejects too, as the per-layer loop does)
         sums = torch.segment_reduce(self.work, "sum", lengths=self.lengths)
         finite = (sums - sums) == 0
         good = finite & ok
         self.dir_rejected.add_(ok > good)
-        bad = (~good).repeat_interleave(self.lengths, output_size=self.work.shape[0])
-        self.work.masked_fill_(bad, 0)
+        good = good.repeat_interleave(self.lengths, output_size=self.work.shape[0])
+        torch.where(good, self.work, zero, out=self.work)
         torch._foreach_add_(self.targets, self.dir_parts, alpha=-lr)

@@ -30,7 +30,7 @@ from kfqn.core.assembly import ComponentBuilder
 from kfqn.core.communicator import Communicator, ReducingAdapter, TorchDistributed
 from kfqn.core.config import GROUP_KEYS, validate_param_group
 from kfqn.core.errors import ConfigError, KfqnError, UnsupportedModuleError
-from kfqn.core.finite import all_finite, all_finite_many, const
+from kfqn.core.finite import all_finite, all_finite_many, const, finite_scalar
 from kfqn.core.flat_step import FlatBucket
 from kfqn.core.momentum import initial_started, momentum_update_
 from kfqn.core.placement import assign_owners, factor_cost
@@ -619,8 +619,15 @@ class KFQNOptimizer(torch.optim.Optimizer):
         sum for all of them)."""
         dev = self._device()
         seen = {id(t) for b in covered for t in b.targets}
-        checks = [b.work for b in covered]
-        checks += [p.grad for p in self._all_params() if p.grad is not None and id(p) not in seen]
+        rest = [p.grad for p in self._all_params() if p.grad is not None and id(p) not in seen]
+        if covered and not rest:  # every gradient in the work buffers: one sum each, plus loss
+            total = covered[0].work.sum()
+            for bucket in covered[1:]:
+                total = total + bucket.work.sum()
+            if loss is not None:
+                total = total + torch.as_tensor(loss, device=dev)
+            return finite_scalar(total)
+        checks = [b.work for b in covered] + rest
         if loss is not None:
             checks.append(torch.as_tensor(loss, device=dev).detach())
         return all_finite_many(checks, dev)
@@ -683,7 +690,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             ok = self._finite_flag(loss, covered)
             if self.comm.world_size > 1:
                 ok = self._reduce_round(active, "current", ok)
-            self.nonfinite_steps += (~ok).long()
+            self.nonfinite_steps.add_(~ok)
             infos: dict[str, StepInfo] = {}
             for layer in active:
                 lam_a, mu2 = self._lambdas(layer)
@@ -804,7 +811,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             rho = float(group["momentum"])
             bucket.step(ok, float(group["lr"]), rho, (1.0 - rho) if form == "ema" else 1.0,
                         float(group["weight_decay"]), inside,
-                        [l.precond.precondition_t for l in bucket.layers])
+                        [l.precond.precondition_t_into for l in bucket.layers])
             done.update(id(l) for l in bucket.layers)
         rest = [l for l in active if id(l) not in done]
         self._precondition_and_move_layers(rest, ok)
@@ -824,7 +831,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             grad = layer.adapter.homogeneous_grad().to(dt)
             wbar = layer.adapter.homogeneous_weight().to(dt) if wd else None
             if wbar is not None and inside:
-                grad = grad + wd * wbar
+                grad = grad.add(wbar, alpha=wd)
             momentum_update_(layer.momentum, grad, layer.started, float(group["momentum"]),
                              form, ok)
             layer.started |= ok
@@ -832,7 +839,7 @@ class KFQNOptimizer(torch.optim.Optimizer):
             # computed transposed, (d_a, d_g), where the BLAS products run faster (apply_t)
             precond = layer.precond.precondition_t(layer.momentum.T).T
             if wbar is not None and not inside:
-                precond = precond + wd * wbar
+                precond = precond.add(wbar, alpha=wd)
             good = ok & all_finite(precond)
             layer.dir_rejected.add_(ok > good)                # ok and not good
             precond = torch.where(good, precond, const(0.0, dt, precond.device))

@@ -129,6 +129,12 @@ class _Estimator(Component):
         there. Override where the product can be arranged that way (e.g. ``m @ H^T``)."""
         return self.apply(mt.T).T
 
+    def apply_t_into(self, mt: Tensor, out: Tensor) -> Tensor:
+        """:meth:`apply_t` written into ``out`` (a preallocated (d_a, d_g) tensor), returned:
+        the optimizer's batched direction writes every layer's result into one flat buffer
+        (kfqn/core/flat_step.py). Override to save the copy."""
+        return out.copy_(self.apply_t(mt))
+
     def stats(self) -> dict[str, Tensor]:
         """Scalars of the last step, as device tensors."""
         return dict(self._stats)
@@ -229,6 +235,13 @@ class AEstimator(_Estimator):
         if type(self).apply is AEstimator.apply:
             return self.factor.apply(mt)
         return super().apply_t(mt)
+
+    def apply_t_into(self, mt: Tensor, out: Tensor) -> Tensor:
+        """:meth:`apply_t` written into ``out``: with the default :meth:`apply`, the one
+        product straight into it (``InverseFactor.apply_into``)."""
+        if type(self).apply is AEstimator.apply and type(self).apply_t is AEstimator.apply_t:
+            return self.factor.apply_into(mt, out)
+        return super().apply_t_into(mt, out)
 
     def warm_accumulate(self, inp: Tensor) -> None:
         """Forward-only warm start: absorb one batch of inputs."""

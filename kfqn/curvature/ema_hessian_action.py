@@ -150,13 +150,6 @@ class EMAHessianActionA(AEstimator):
             self._set_start(torch.where(good, a, torch.zeros_like(a)), info.lam_a)
             self._start.taken(good)
 
-    def apply(self, m: Tensor) -> Tensor:
-        return self.factor.apply(m.T).T
-
-    def apply_t(self, mt: Tensor) -> Tensor:
-        """H_a mt = ``apply(mt.T).T`` (the same product, without the four transposes)."""
-        return self.factor.apply(mt)
-
     def after_step(self, cap: Capture, info: StepInfo) -> None:
         type(self).after_step_group([self], [cap], [info])
 

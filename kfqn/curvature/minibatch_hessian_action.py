@@ -88,13 +88,6 @@ class MinibatchHessianActionA(AEstimator):
         self._start.taken(good)
         self._stats["a_inversion_fallback"] = res.fallback
 
-    def apply(self, m: Tensor) -> Tensor:
-        return self.factor.apply(m.T).T
-
-    def apply_t(self, mt: Tensor) -> Tensor:
-        """H_a mt = ``apply(mt.T).T`` (the same product, without the four transposes)."""
-        return self.factor.apply(mt)
-
     def _local_action(self, adapter: Any, cap: Capture) -> Tensor:
         """This rank's (1/m) sum abar abar^T s_a at the s_a that :meth:`after_step` forms."""
         s = self.factor.apply(self.ctx.adapter.input_mean(cap.inp).to(self.ctx.dtype))

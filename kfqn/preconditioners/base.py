@@ -113,6 +113,11 @@ class LayerPreconditioner(Component):
         """The preconditioned direction, transposed: Mhat^T (d_a, d_g) in, (d_a, d_g) out."""
         raise NotImplementedError
 
+    def precondition_t_into(self, mt: Tensor, out: Tensor) -> Tensor:
+        """:meth:`precondition_t` written into ``out`` (a (d_a, d_g) view of the optimizer's
+        flat direction buffer), returned. Override to write the last product there directly."""
+        return out.copy_(self.precondition_t(mt))
+
     def after_move(self, stats: Any, info: StepInfo) -> None:
         """After the parameters moved (before a trial pass)."""
 
@@ -194,6 +199,12 @@ class TwoSidedPreconditioner(LayerPreconditioner):
 
     def precondition_t(self, mt: Tensor) -> Tensor:
         return self.a.apply_t(self.g.apply_t(mt))
+
+    def precondition_t_into(self, mt: Tensor, out: Tensor) -> Tensor:
+        into = getattr(self.a, "apply_t_into", None)
+        if into is None or type(self).precondition_t is not TwoSidedPreconditioner.precondition_t:
+            return out.copy_(self.precondition_t(mt))
+        return into(self.g.apply_t(mt), out)
 
     def stats(self) -> dict[str, Tensor]:
         return {**self.a.stats(), **self.g.stats()}

@@ -68,6 +68,11 @@ class InverseFactor(Component):
         """H v for a vector (dim,) or each column of a matrix (dim, n)."""
         raise NotImplementedError
 
+    def apply_into(self, v: Tensor, out: Tensor) -> Tensor:
+        """``apply(v)`` written into ``out`` (same shape), returned; override to write the
+        product there directly."""
+        return out.copy_(self.apply(v))
+
     def update(self, s: Tensor, y: Tensor, allow: Tensor | None = None) -> Tensor:
         """Update from the pair (s, y) where ``allow`` (a bool tensor) holds and the pair is
         admissible; return the bool tensor 'accepted'."""

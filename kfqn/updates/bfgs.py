@@ -196,6 +196,11 @@ class BFGSFactor(InverseFactor):
     def apply(self, v: Tensor) -> Tensor:
         return self.h @ v
 
+    def apply_into(self, v: Tensor, out: Tensor) -> Tensor:
+        if v.dim() != 2:
+            return super().apply_into(v, out)
+        return torch.mm(self.h, v, out=out)
+
     def apply_right(self, m: Tensor) -> Tensor:
         return m @ self._views()[0]                          # m H^T, the transpose cached
 

@@ -304,6 +304,11 @@ class LBFGSFactor(InverseFactor):
             return self._dense @ v
         return (self._sy_t @ (self._mid @ (self._sy @ v))).addcmul_(v, self.gamma)
 
+    def apply_into(self, v: Tensor, out: Tensor) -> Tensor:
+        if self._dense is None or v.dim() != 2:
+            return super().apply_into(v, out)
+        return torch.mm(self._dense, v, out=out)
+
     def apply_right(self, m: Tensor) -> Tensor:
         """m H^T for m of shape (n, d), in row form so that the output keeps d as its
         contiguous dimension: gamma m + ((m [S; Y]^T) M^T) [S; Y]."""
