@@ -119,6 +119,11 @@ def _same_bits(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Same dtype, shape and values (+0 == -0)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+
+
 def _copy(state: Any) -> Any:
     """A deep copy of a state dict (tensors cloned)."""
     buf = io.BytesIO()
@@ -612,7 +617,10 @@ class DampingContract(ComponentContract):
                 assert bool(rule.guarantee(out.s, out.y, hy, mu2)), \
                     "ok is true but the pair misses the rule's postcondition (guarantee)"
             if not any(bool(a) for a in out.active.values()):
-                assert _same_bits(out.s, s) and _same_bits(out.y, y), \
+                # equal values (s, y are finite here); a zero may come back with the other
+                # sign (a mixture lerp(H y, s, 1) = s - (s - H y) * 0 gives +0 for s = -0),
+                # which no later product, sum or comparison can tell apart
+                assert _same_values(out.s, s) and _same_values(out.y, y), \
                     "no damping step was active, but the pair changed"
         run()
 
