@@ -9,15 +9,17 @@ the same size holds first the homogeneous gradients and then the directions. Per
 ``ok`` the step's device flag (loss and gradients finite)::
 
     G_l = [grad W_l, grad b_l] (+ tau [W_l, b_l], "inside", one add)      one copy for all
-    Mhat <- k Mhat + c where(ok, G, 0)         once; (k, c) per layer = (rho, 1 - rho) started,
-                                                (0, 1) first accepted step, (1, 0) not ok
+    Mhat_l <- k_l Mhat_l + c_l where(ok, G_l, 0)    two foreach ops; (k, c) = (rho, 1 - rho)
+                                     started, (0, 1) first accepted step, (1, 0) not ok
     D_l^T = precondition_t(Mhat_l^T) (+ tau Wbar_l^T "outside")          the layer's products
-    good_l = ok and sum(D_l) finite; D_l <- 0 where not good_l          once
-    theta <- theta - lr D                                               one _foreach_add_
+    good_l = ok and sum(D_l) finite                                     one segmented sum
+    theta_l <- theta_l + (-lr good_l) D_l    one foreach op (non-finite entries zeroed first)
 
-Bit for bit the per-layer loop it replaces (``KFQNOptimizer._precondition_and_move_layers``):
-every elementwise operation is the same operation, and each layer's products get the same
-operands in the same layout. Used when every layer of the bucket delivered statistics this step
+Nothing as large as the parameters is allocated: the per-layer coefficients go to the
+``torch._foreach_*`` ops as 0-dim tensors. Bit for bit the per-layer loop it replaces
+(``KFQNOptimizer._precondition_and_move_layers``): every elementwise operation is the same
+operation (``p + (-lr) d`` is ``p.add_(d, alpha=-lr)``), and each layer's products get the same
+operands in the same layout (segments 64-byte aligned). Used when every layer of the bucket delivered statistics this step
 and the parameters have the factor dtype; otherwise the optimizer runs the per-layer loop on the
 same state views.
 """
@@ -28,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from kfqn.core.finite import const
 from kfqn.layers.base import LayerAdapter
 
 #: bytes to which each layer's segment of the flat buffers is aligned
@@ -42,12 +45,17 @@ def _table(rho: float, coef: float, dtype: torch.dtype, device: torch.device) ->
     got = _TABLES.get(key)
     if got is None:
         with torch.inference_mode(False):
-            got = (torch.tensor([rho, coef], dtype=dtype, device=device),
-                   torch.tensor([0.0, 1.0], dtype=dtype, device=device),
-                   torch.tensor([1.0, 0.0], dtype=dtype, device=device),
+            got = (torch.tensor([[rho], [coef]], dtype=dtype, device=device),
+                   torch.tensor([[0.0], [1.0]], dtype=dtype, device=device),
+                   torch.tensor([[1.0], [0.0]], dtype=dtype, device=device),
                    torch.zeros((), dtype=dtype, device=device))
         _TABLES[key] = got
     return got
+
+
+def _neg(lr: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """-lr as a cached 0-dim tensor."""
+    return const(-lr, dtype, device)
 
 
 def _is_view_of(t: Tensor, base: Tensor) -> bool:
@@ -80,8 +88,9 @@ class FlatBucket:
         self.lengths = torch.tensor(padded, dtype=torch.long, device=device)
         self.momentum = torch.zeros(n, dtype=dtype, device=device)
         self.work = torch.zeros(n, dtype=dtype, device=device)
-        self.started = torch.zeros((len(sizes), 1), dtype=torch.bool, device=device)
+        self.started = torch.zeros(len(sizes), dtype=torch.bool, device=device)
         self.dir_rejected = torch.zeros(len(sizes), dtype=torch.long, device=device)
+        self.moms: list[Tensor] = []          # Mhat_l, (d_g, d_a) views of momentum
         self.grad_in: list[Tensor] = []       # G_l, (d_g, d_a) views of work
         self.grad_parts: list[Tensor] = []    # views of G_l shaped like the layer's targets
         self.mom_t: list[Tensor] = []         # Mhat_l^T, (d_a, d_g) views of momentum
@@ -90,17 +99,19 @@ class FlatBucket:
         self.targets: list[Tensor] = []
         self.exact = True                     # every part is a view (else: the per-layer loop)
         offset = 0
+        owners: list[int] = []
         for i, (layer, size, seg) in enumerate(zip(self.layers, sizes, padded)):
             d_g, d_a = layer.adapter.d_g, layer.adapter.d_a
             mom = self.momentum[offset:offset + size].view(d_g, d_a)
             mom.copy_(layer.momentum)
-            self.started[i, 0] = layer.started
+            self.started[i] = layer.started
             self.dir_rejected[i] = layer.dir_rejected
             layer.momentum = mom
-            layer.started = self.started[i, 0]
+            layer.started = self.started[i]
             layer.dir_rejected = self.dir_rejected[i]
             g_l = self.work[offset:offset + size].view(d_g, d_a)
             dt_l = self.work[offset:offset + size].view(d_a, d_g)
+            self.moms.append(mom)
             self.grad_in.append(g_l)
             self.mom_t.append(mom.T)
             self.dir_t.append(dt_l)
@@ -113,7 +124,10 @@ class FlatBucket:
             self.grad_parts += g_parts
             self.dir_parts += d_parts
             self.targets += targets
+            owners += [i] * len(targets)
             offset += seg
+        #: the layer of each target (to pick its step size)
+        self.target_layer = torch.tensor(owners, dtype=torch.long, device=device)
 
     def covers(self, active: Sequence[Any]) -> bool:
         """Whether this step's active layers are exactly the bucket's (the batched path)."""
@@ -134,9 +148,13 @@ class FlatBucket:
         if wd and inside:
             torch._foreach_add_(self.grad_parts, self.targets, alpha=wd)
         started_kc, first_kc, skip_kc, zero = _table(rho, coef, self.dtype, self.device)
+        # (k, c) of every layer as a (2, L) table, then 2L 0-dim tensors for the foreach ops
+        # (no per-entry expansion: the buffers are as large as the parameters)
         kc = torch.where(ok, torch.where(self.started, started_kc, first_kc), skip_kc)
-        k, c = kc.repeat_interleave(self.lengths, dim=0, output_size=self.work.shape[0]).unbind(1)
-        self.momentum.mul_(k).addcmul_(torch.where(ok, self.work, zero), c)
+        kc = kc.view(-1).unbind()
+        torch.where(ok, self.work, zero, out=self.work)
+        torch._foreach_mul_(self.moms, kc[:len(self.moms)])
+        torch._foreach_addcmul_(self.moms, self.grad_in, kc[len(self.moms):])
         self.started.bitwise_or_(ok)
         for prec, mt, dt in zip(precondition_t, self.mom_t, self.dir_t):
             prec(mt, dt)
@@ -148,6 +166,9 @@ class FlatBucket:
         finite = (sums - sums) == 0
         good = finite & ok
         self.dir_rejected.add_(ok > good)
-        good = good.repeat_interleave(self.lengths, output_size=self.work.shape[0])
-        torch.where(good, self.work, zero, out=self.work)
-        torch._foreach_add_(self.targets, self.dir_parts, alpha=-lr)
+        # theta <- theta - lr D on the good layers: rejected ones scaled by 0 after their
+        # non-finite entries are zeroed (-lr * D in one product: as add_(D, alpha=-lr))
+        torch.nan_to_num_(self.work, nan=0.0, posinf=0.0, neginf=0.0)
+        scale = torch.where(good, _neg(lr, self.dtype, self.device), zero)
+        torch._foreach_addcmul_(self.targets, self.dir_parts,
+                                scale.index_select(0, self.target_layer).unbind())
