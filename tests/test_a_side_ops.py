@@ -201,3 +201,43 @@ def test_apply_t_bit_equal(preset):
     for e in ests:
         mt = torch.randn(e.ctx.adapter.d_a, 4, dtype=F64)
         assert torch.equal(e.apply_t(mt), e.apply(mt.T).T)
+
+
+def test_minibatch_a_sy_is_the_damped_pairs_product(monkeypatch):
+    """``a_sy`` (taken from the flat damping's own s^T y) equals the dot product of the pair the
+    damping returned, layer by layer."""
+    import warnings
+
+    import kfqn
+    from kfqn.updates.damping import PowellDamping
+
+    seen = []
+    orig = PowellDamping.many
+
+    def many(self, *a, **k):
+        out = orig(self, *a, **k)
+        seen.append([(d.s.clone(), d.y.clone()) for d in out])
+        return out
+
+    monkeypatch.setattr(PowellDamping, "many", many)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                          nn.Linear(4, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = kfqn.build_optimizer(model, "kfbfgs_l_cnn", factor_dtype="float64")
+    x, y = torch.randn(32, 6, dtype=F64), torch.randint(0, 3, (32,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    for _ in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+    assert seen and len(seen[-1]) == len(opt.layers)
+    for layer, (s, yy) in zip(opt.layers.values(), seen[-1]):
+        torch.testing.assert_close(layer.precond.a._stats["a_sy"].to(F64), torch.dot(s, yy),
+                                   rtol=1e-12, atol=1e-300)

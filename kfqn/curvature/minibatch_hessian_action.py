@@ -136,10 +136,16 @@ class MinibatchHessianActionA(AEstimator):
                 e._stats[f"a_{k}"] = act
         oks = [i.ok for i in infos]
         if all(o is oks[0] for o in oks):
-            # s^T y of every layer from one segmented sum; the counters on one (L,) vector
-            ds, dy = [d.s for d in damped], [d.y for d in damped]
-            sy = torch.segment_reduce(torch.cat(ds) * torch.cat(dy), "sum",
-                                      lengths=_lengths([x.shape[0] for x in ds], oks[0].device))
+            # s^T y of every layer: the damping's own (flat path; 0 where it zeroed the pair),
+            # else one segmented sum; the counters on one (L,) vector
+            flat = getattr(first.damping, "last_flat", None)
+            if flat is not None:
+                sy = torch.where(flat.ok, flat.so, 0.0)
+            else:
+                ds, dy = [d.s for d in damped], [d.y for d in damped]
+                sy = torch.segment_reduce(
+                    torch.cat(ds) * torch.cat(dy), "sum",
+                    lengths=_lengths([x.shape[0] for x in ds], oks[0].device))
             for e, sy_i in zip(ests, sy.unbind()):
                 e._stats["a_sy"] = sy_i
             count_rejected(ests, oks[0], accepted)

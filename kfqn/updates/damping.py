@@ -393,12 +393,15 @@ class _FlatRule:
     def many(self, s: Sequence[Tensor], y: Sequence[Tensor], hy: Sequence[HyFn],
              mu2: Sequence[float]) -> list[DampingResult]:
         s, y, mu2 = list(s), list(y), list(mu2)
+        self.last_flat = None
         if not _batchable(s, y, mu2) or len(hy) != len(s):
             return Damping.many(self, s, y, hy, mu2)
         hys, good = self._hys(hy, y)
         if not good:
             return Damping.many(self, s, y, [lambda v, h=h: h for h in hys], mu2)
         w, res = self._run(s, y, hys, mu2, "many")
+        #: the flat outcome of this call (``so``: each layer's damped s^T y), for statistics
+        self.last_flat = res
         oks = res.ok.unbind()
         acts = {k: (v.unbind() if v.dim() else [v] * len(oks)) for k, v in res.active.items()}
         return [DampingResult(si, yi, {k: v[i] for k, v in acts.items()}, o)
