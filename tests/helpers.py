@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 QN_PRESETS = ["kbfgs", "kbfgs_l", "kfbfgs_cnn", "kfbfgs_l_cnn"]
 
@@ -121,3 +122,16 @@ def assert_resumes_exactly(opt, model, twin, build, data, steps: int = 3) -> Non
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
 
+
+
+class OpCount(TorchDispatchMode):
+    """Counts dispatched aten ops while active (``with OpCount() as c: ...; c.n``), as
+    ``kfqn bench --ops`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))

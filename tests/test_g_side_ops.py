@@ -8,24 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import kfqn
-from helpers import assert_resumes_exactly, batches, make_closure, quiet, tensor_paths
+from helpers import OpCount, assert_resumes_exactly, batches, make_closure, quiet, tensor_paths
 from kfqn.curvature.secant_pairs import SecantPairsG, _Group
 from kfqn.updates.damping import DDV2Damping, DoubleDamping, PowellDamping
 
 F64 = torch.float64
 
 
-class OpCount(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def mlp(seed: int = 0, widths=(6, 9, 7, 5, 4)) -> nn.Module:

@@ -8,13 +8,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kfqn.updates.base import DampingResult, InverseFactor
 from kfqn.updates.bfgs import BFGSFactor
 from kfqn.updates.damping import DDV2Damping, DoubleDamping, NoDamping, PowellDamping
 from kfqn.updates.lbfgs import LBFGSFactor
 from strategies import adversarial_pair
+from helpers import OpCount
 
 F32, F64 = torch.float32, torch.float64
 #: the layer sizes of the autoencoder (both sides of its eight layers)
@@ -60,16 +60,6 @@ def assert_same_damping(r1: list[DampingResult], r2: list[DampingResult]) -> Non
             assert_same_bits(a.active[k], b.active[k], f"layer {i}: active {k}")
 
 
-class OpCount(TorchDispatchMode):
-    """Counts dispatched ops (as ``kfqn bench --ops`` does)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 # -- strategies --------------------------------------------------------------------------------

@@ -3,26 +3,16 @@ op each, and a batched update costs a few ops per layer plus a fixed number per 
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from kfqn.updates.bfgs import BFGSFactor
 from kfqn.updates.lbfgs import LBFGSFactor
+from helpers import OpCount
 
 #: the layer sizes of the autoencoder (both sides of its eight layers)
 AE_A = (785, 1001, 501, 251, 31, 251, 501, 1001)
 AE_G = (1000, 500, 250, 30, 250, 500, 1000, 784)
 
 
-class OpCount(TorchDispatchMode):
-    """Counts dispatched ops (as ``kfqn bench --ops`` does)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _count(fn) -> int:
