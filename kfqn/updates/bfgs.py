@@ -40,6 +40,8 @@ from kfqn.core.finite import const
 _CONSTS: dict = {}
 #: (dims, dtype, device) -> the _Layout of BFGSFactor._update_group (scratch buffers)
 _LAYOUTS: dict = {}
+#: scratch layouts kept (one per group shape in use)
+MAX_LAYOUTS = 16
 #: alignment, in bytes, of each layer's segment in the flat buffers of BFGSFactor._update_group
 #: (MKL's dot products and rank-2 updates round by the alignment of their operands: each
 #: layer's operands start as aligned as a fresh allocation, so that a group of layers rounds
@@ -102,9 +104,12 @@ class _Layout:
 
 def _layout(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Layout:
     key = (dims, dtype, device)
-    got = _LAYOUTS.get(key)
+    got = _LAYOUTS.pop(key, None)
     if got is None:
-        got = _LAYOUTS[key] = _Layout(dims, dtype, device)
+        got = _Layout(dims, dtype, device)
+    _LAYOUTS[key] = got                     # most recently used last; scratch only, so the
+    while len(_LAYOUTS) > MAX_LAYOUTS:      # least recently used may go (bounded memory in a
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))  # process that builds many differently sized models)
     return got
 
 

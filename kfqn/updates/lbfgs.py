@@ -50,6 +50,8 @@ _CONSTS: dict = {}
 _BLOCK_BYTES = 256
 #: (p, dims, dtype, device) -> the _Layout of an L-BFGS group (scratch buffers and views)
 _LAYOUTS: dict = {}
+#: scratch layouts kept (one per group shape in use)
+MAX_LAYOUTS = 16
 
 
 def _cached(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -176,9 +178,12 @@ def _layout(factors: list["LBFGSFactor"]) -> _Layout:
     p, dt, dev = f0.memory, f0.dtype, f0._sy.device
     dims, dense = tuple(f.dim for f in factors), tuple(f.uses_dense for f in factors)
     key = (p, dims, dense, dt, dev)
-    got = _LAYOUTS.get(key)
+    got = _LAYOUTS.pop(key, None)
     if got is None:
-        got = _LAYOUTS[key] = _Layout(p, dims, dense, dt, dev)
+        got = _Layout(p, dims, dense, dt, dev)
+    _LAYOUTS[key] = got                     # most recently used last; scratch only: the
+    while len(_LAYOUTS) > MAX_LAYOUTS:      # least recently used may go (bounded memory)
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
     return got
 
 
