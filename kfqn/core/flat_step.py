@@ -79,7 +79,6 @@ class FlatBucket:
         self.layers = list(layers)
         self.dtype, self.device = dtype, device
         sizes = [l.adapter.d_g * l.adapter.d_a for l in self.layers]
-        self.sizes = sizes
         # each layer's segment starts 64-byte aligned, as a tensor of its own would: BLAS
         # (MKL) rounds differently for operands at other alignments; the padding stays zero
         step = max(1, ALIGN // torch.empty((), dtype=dtype).element_size())
