@@ -128,10 +128,10 @@ class FlatBucket:
         #: the layer of each target (to pick its step size)
         self.target_layer = torch.tensor(owners, dtype=torch.long, device=device)
 
-    def covers(self, active: Sequence[Any]) -> bool:
-        """Whether this step's active layers are exactly the bucket's (the batched path)."""
-        return (self.exact and len(active) == len(self.layers)
-                and all(a is b for a, b in zip(active, self.layers))
+    def covers(self, active_ids: set[int]) -> bool:
+        """Whether every layer of the bucket is active this step (``active_ids``: ``id`` of
+        each active layer) and its parameters suit the batched path."""
+        return (self.exact and all(id(l) in active_ids for l in self.layers)
                 and all(t.dtype == self.dtype and t.grad is not None for t in self.targets))
 
     def gather_grads(self) -> None:

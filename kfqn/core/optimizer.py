@@ -605,13 +605,8 @@ class KFQNOptimizer(torch.optim.Optimizer):
         """The buckets whose every layer is active this step (the batched direction path)."""
         if self._owner_mode:
             return []
-        out = []
-        for bucket in self._buckets:
-            members = [l for l in active if l.group == bucket.layers[0].group
-                       and l.momentum.device == bucket.device]
-            if bucket.covers(members):
-                out.append(bucket)
-        return out
+        ids = {id(l) for l in active}
+        return [bucket for bucket in self._buckets if bucket.covers(ids)]
 
     def _finite_flag(self, loss: Tensor | None, covered: list[FlatBucket] = ()) -> Tensor:
         """Device bool: the loss and every gradient are finite (:mod:`kfqn.core.finite`); the
